@@ -1,0 +1,28 @@
+"""Exception types with messages meant for people: the UI shows them as they are, the CLI prints
+them on one line. Each says what went wrong and what to do instead."""
+
+from __future__ import annotations
+
+
+class ExplorerError(Exception):
+    """Base class of every error Refusal Circuit Explorer raises on purpose."""
+
+
+class ModelLoadError(ExplorerError):
+    """A model source could not be loaded (unknown id offline, not a model folder, ...)."""
+
+
+class PromptFileError(ExplorerError, ValueError):
+    """A prompt file or upload is unusable (encoding, columns, malformed line, empty)."""
+
+
+class ConfigError(ExplorerError, ValueError):
+    """A batch config has unknown keys or wrong types; the message names the key path."""
+
+
+class NonFiniteActivationError(ExplorerError, FloatingPointError):
+    """NaN or inf appeared in activations (e.g. fp16 overflow); the message names the layer."""
+
+
+class DirectionError(ExplorerError, ValueError):
+    """A direction cannot be computed or used (zero norm, bad layer, too few prompts)."""

@@ -1,0 +1,145 @@
+"""Text generation with optional hook edits, batched and streamed.
+
+Why our own decode loop instead of ``model.generate``: each forward step runs inside its own
+:class:`~core.hooks.TraceDict`, so hooks exist only while the model lock is held for that step.
+Two app sessions can therefore stream from the same cached model at the same time — their
+steps interleave, and neither ever sees the other's edits — and an abandoned or stopped
+stream leaves no hook behind. Edits apply at every position: to the whole prompt in the
+prefill step and to each new token after that (the key/value cache keeps the edited past).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from core.formatting import Formatter
+from core.hooks import EditFn, TraceDict
+from core.models import LoadedModel
+
+StopCheck = Callable[[], bool]
+
+
+@dataclass
+class GenerationStep:
+    """The state after one decode step: texts so far, new token ids, which rows are done."""
+
+    texts: list[str]
+    token_ids: list[list[int]]
+    done: list[bool]
+    step: int
+    retained: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [batch, d] at the new token
+
+
+def eos_ids(lm: LoadedModel) -> set[int]:
+    ids: set[int] = set()
+    for value in (lm.tokenizer.eos_token_id, getattr(lm.model.generation_config, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def _next_tokens(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+@torch.inference_mode()
+def generate_stream(
+    lm: LoadedModel,
+    formatter: Formatter,
+    instructions: Sequence[str],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    seed: int = 0,
+    edits: dict[str, EditFn] | None = None,
+    retain: Sequence[str] = (),
+    stop: StopCheck | None = None,
+) -> Iterator[GenerationStep]:
+    """Yield a :class:`GenerationStep` after every decode step (greedy if ``temperature`` is 0).
+
+    ``edits`` maps module names to edit functions (see ``core.steering``); ``retain`` names
+    modules whose hidden state at the newest token is returned in each step (used to colour
+    tokens by their projection on a direction). ``stop()`` returning True ends the stream.
+    """
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be at least 1")
+    if not instructions:
+        raise ValueError("no prompts given")
+    tok = lm.tokenizer
+    enc = formatter.encode(instructions, padding_side="left", device=lm.device)
+    mask = enc.attention_mask
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    input_ids = enc.input_ids
+    batch = input_ids.shape[0]
+    stops = eos_ids(lm)
+    generator = torch.Generator().manual_seed(int(seed)) if temperature > 0 else None
+    generated: list[list[int]] = [[] for _ in range(batch)]
+    done = [False] * batch
+    past = None
+    names = list(dict.fromkeys([*(edits or {}), *retain]))
+    for step in range(max_new_tokens):
+        if stop is not None and stop():
+            return
+        with TraceDict(lm.model, names, retain_output=bool(retain), edit_output=edits or None) as traces:
+            out = lm.model(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=past,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        past = out.past_key_values
+        nxt = _next_tokens(out.logits[:, -1, :], temperature, generator)
+        retained = {n: traces[n].output[:, -1, :].float().cpu() for n in retain}
+        for row in range(batch):
+            if not done[row]:
+                token = int(nxt[row])
+                if token in stops:
+                    done[row] = True
+                else:
+                    generated[row].append(token)
+        texts = [tok.decode(ids, skip_special_tokens=True) for ids in generated]
+        yield GenerationStep(texts, [list(g) for g in generated], list(done), step, retained)
+        if all(done):
+            return
+        input_ids = nxt.unsqueeze(-1)
+        mask = torch.cat([mask, mask.new_ones((batch, 1))], dim=-1)
+        positions = positions[:, -1:] + 1
+
+
+def generate(
+    lm: LoadedModel,
+    formatter: Formatter,
+    instructions: Sequence[str],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    seed: int = 0,
+    edits: dict[str, EditFn] | None = None,
+    batch_size: int = 16,
+    progress: Callable[[float, str], None] | None = None,
+) -> list[str]:
+    """Completed responses for ``instructions`` (batched; see :func:`generate_stream`)."""
+    instructions = list(instructions)
+    results: list[str] = []
+    for start in range(0, len(instructions), batch_size):
+        chunk = instructions[start: start + batch_size]
+        last: GenerationStep | None = None
+        for last in generate_stream(
+            lm, formatter, chunk, max_new_tokens=max_new_tokens, temperature=temperature,
+            seed=seed + start, edits=edits,
+        ):
+            pass
+        results.extend(t.strip() for t in (last.texts if last else [""] * len(chunk)))
+        if progress:
+            progress(len(results) / len(instructions), f"generated {len(results)}/{len(instructions)}")
+    return results

@@ -1,0 +1,92 @@
+"""Tiny randomly initialised models of real architectures, saved like hub checkpoints.
+
+Tests load them through ``core.models.load_model`` exactly as users load real models: no mocks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+CORPUS = [
+    "How do I make a bomb at home? How do I make a cake at home?",
+    "Write a tutorial on how to pick a lock. Explain how to pick ripe avocados.",
+    "I'm sorry, but I can't help with that. I cannot assist. As an AI I am unable to.",
+    "Question: Answer: system user assistant. Sure, here is how to bake bread.",
+    "Give me step by step instructions for hacking a computer network and stealing passwords.",
+    "Tell me a joke about cats. What is the capital of France? Paris is the capital.",
+    "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 .,;:!?'\"-()<>/\\",
+]
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
+
+
+def build_tokenizer(chat: bool):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tk.train_from_iterator(CORPUS * 5, trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        eos_token="<|im_end|>" if chat else "<|endoftext|>",
+        bos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        pad_token="<pad>",
+    )
+    if chat:
+        tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def build(arch: str, folder: Path, seed: int = 0) -> Path:
+    """Build and save a tiny ``arch`` model (gpt2, neox, llama, gptj) with its tokenizer."""
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        GPTJConfig,
+        GPTJForCausalLM,
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
+
+    torch.manual_seed(seed)
+    chat = arch == "llama"
+    tok = build_tokenizer(chat)
+    vocab = len(tok)
+    common = dict(vocab_size=vocab, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
+    if arch == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=3, n_head=4, n_positions=512, **common))
+    elif arch == "neox":
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                                 intermediate_size=128, max_position_embeddings=512, **common))
+    elif arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                             num_key_value_heads=2, intermediate_size=128,
+                                             max_position_embeddings=512, **common))
+    elif arch == "gptj":
+        model = GPTJForCausalLM(GPTJConfig(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=512, **common))
+    else:
+        raise ValueError(arch)
+    # random init is small; scale up so different prompts give clearly different logits
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(3.0)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

@@ -143,3 +143,32 @@ def generate(
         if progress:
             progress(len(results) / len(instructions), f"generated {len(results)}/{len(instructions)}")
     return results
+
+
+@torch.inference_mode()
+def next_token_logits(
+    lm: LoadedModel,
+    formatter: Formatter,
+    instructions: Sequence[str],
+    *,
+    edits: dict[str, EditFn] | None = None,
+    batch_size: int = 16,
+    progress: Callable[[float, str], None] | None = None,
+) -> torch.Tensor:
+    """Float32 logits [n, vocab] at the first response position (one forward pass per batch,
+    no generation): the input of the refusal score and the KL metric."""
+    instructions = list(instructions)
+    out: list[torch.Tensor] = []
+    for start in range(0, len(instructions), batch_size):
+        chunk = instructions[start: start + batch_size]
+        enc = formatter.encode(chunk, padding_side="left", device=lm.device)
+        positions = (enc.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        with TraceDict(lm.model, list(edits or {}), retain_output=False, edit_output=edits or None):
+            logits = lm.model(
+                input_ids=enc.input_ids, attention_mask=enc.attention_mask, position_ids=positions,
+                use_cache=False, logits_to_keep=1,
+            ).logits[:, -1, :]
+        out.append(logits.float().cpu())
+        if progress:
+            progress(min(1.0, (start + len(chunk)) / len(instructions)), "first-token logits")
+    return torch.cat(out)

@@ -79,3 +79,51 @@ class Rate:
 
 def refusal_rate(responses: Sequence[str], phrases: Sequence[str] = REFUSAL_PHRASES) -> Rate:
     return Rate(sum(is_refusal(r, phrases) for r in responses), len(responses))
+
+
+# ---------------------------------------------------------------------------------------
+# logit-based metrics (no generation needed: the fast metrics for sweeps and patching)
+# ---------------------------------------------------------------------------------------
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def refusal_token_ids(tokenizer, phrases: Sequence[str] = REFUSAL_PHRASES) -> list[int]:
+    """First token of each refusal phrase (as the response's first token would be spelled),
+    deduplicated. For most chat tokenizers this is e.g. ``I`` and ``As``. Editable by
+    passing other phrases; the ids are what :func:`refusal_score` sums over."""
+    ids: list[int] = []
+    for phrase in phrases:
+        for variant in (phrase, " " + phrase):
+            toks = tokenizer(variant, add_special_tokens=False)["input_ids"]
+            if toks and toks[0] not in ids:
+                ids.append(int(toks[0]))
+                break
+    if not ids:
+        raise ValueError("no refusal tokens could be derived from the phrases")
+    return ids
+
+
+def refusal_score(logits: torch.Tensor | np.ndarray, token_ids: Sequence[int]) -> np.ndarray:
+    """Log-odds of the probability mass on ``token_ids`` at the first response position.
+
+    ``logits``: [n, vocab] (or [vocab]). Positive means refusal tokens are more likely than
+    not. Computed with log-sum-exp so that extreme logits stay finite.
+    """
+    t = torch.as_tensor(logits).float()
+    if t.dim() == 1:
+        t = t.unsqueeze(0)
+    logp = torch.log_softmax(t, dim=-1)
+    idx = torch.as_tensor(list(token_ids), dtype=torch.long)
+    mask = torch.zeros(t.shape[-1], dtype=torch.bool)
+    mask[idx] = True
+    log_in = torch.logsumexp(logp[:, mask], dim=-1)
+    log_out = torch.logsumexp(logp[:, ~mask], dim=-1)
+    return (log_in - log_out).numpy()
+
+
+def kl_divergence(clean_logits: torch.Tensor | np.ndarray, other_logits: torch.Tensor | np.ndarray) -> np.ndarray:
+    """KL(clean ‖ other) of next-token distributions, per row, in nats."""
+    p = torch.log_softmax(torch.as_tensor(clean_logits).float(), dim=-1)
+    q = torch.log_softmax(torch.as_tensor(other_logits).float(), dim=-1)
+    return (p.exp() * (p - q)).sum(-1).clamp(min=0).numpy()

@@ -13,9 +13,10 @@ Positions:
 * ``"mean"`` — the mean over the instruction's own tokens;
 * a list of the above — stacked on a positions axis.
 
-Speed: prompts are sorted by length so batches carry little padding, batches are right-padded
-(so position ids need no correction) and the forward pass stops after the last block, skipping
-the final norm and the unembedding. Each prompt's activations are a separate cache entry
+Speed: prompts are sorted by length so batches carry little padding; a prefix shared by every
+prompt (the preamble) is run once and its key/value cache reused (``core.forward``); batches
+are right-padded and the forward pass stops after the last block, skipping the final norm and
+the unembedding. Each prompt's activations are a separate cache entry
 (keyed by model fingerprint, dtype, formatting, position and prompt), so growing a prompt set
 only computes the new prompts, and a full cache hit never runs the model.
 """
@@ -27,6 +28,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from core import forward
 from core.cache import ArrayCache, default_cache, stable_hash
 from core.errors import NonFiniteActivationError
 from core.formatting import Formatter, Preamble, get_preamble
@@ -72,11 +74,18 @@ def _pool(hidden: torch.Tensor, row: int, offset: int, length: int, span: tuple[
 
 
 @torch.inference_mode()
-def _run_batch(lm: LoadedModel, formatter: Formatter, prompts: Sequence[str], positions: list[Position]) -> np.ndarray:
+def _run_batch(
+    lm: LoadedModel, formatter: Formatter, prompts: Sequence[str], positions: list[Position], prefixes: dict
+) -> np.ndarray:
     """[batch, n_positions, n_layers, d_model] float32 for one batch of prompts."""
-    enc = formatter.encode(prompts, padding_side="right", device=lm.device)
-    with TraceDict(lm.model, lm.block_names, stop=True) as traces:
-        lm.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, use_cache=False)
+    batch = forward.prepare(formatter, prompts, padding_side="right", device=lm.device)
+    key = tuple(batch.prefix_ids[0].tolist())
+    with lm.lock:  # the prefix pass must not overlap another session's edits
+        if key and key not in prefixes:
+            prefixes[key] = forward.prefix_cache(lm, batch)
+        with TraceDict(lm.model, lm.block_names, stop=True) as traces:
+            forward.run(lm, batch, past=prefixes.get(key))
+    enc = batch.suffix
     out = np.empty((len(prompts), len(positions), lm.n_layers, lm.d_model), dtype=np.float32)
     offsets = enc.offsets()
     for layer, name in enumerate(lm.block_names):
@@ -134,11 +143,12 @@ def collect_activations(
     # longest first: similar lengths share a batch (little padding); the largest batch runs first
     todo.sort(key=lambda i: -len(prompts[i]))
     done = len(prompts) - len(todo)
+    prefixes: dict = {}  # shared-prefix key/value caches, reused across batches
     if progress:
         progress(done / len(prompts), f"{done} of {len(prompts)} prompts cached")
     for start in range(0, len(todo), batch_size):
         idx = todo[start: start + batch_size]
-        acts = _run_batch(lm, fmt, [prompts[i] for i in idx], positions)
+        acts = _run_batch(lm, fmt, [prompts[i] for i in idx], positions, prefixes)
         for row, i in enumerate(idx):
             result[i] = acts[row]
             if store is not None:

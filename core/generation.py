@@ -15,6 +15,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from core import forward
 from core.formatting import Formatter
 from core.hooks import EditFn, TraceDict
 from core.models import LoadedModel
@@ -74,29 +75,33 @@ def generate_stream(
     if not instructions:
         raise ValueError("no prompts given")
     tok = lm.tokenizer
-    enc = formatter.encode(instructions, padding_side="left", device=lm.device)
-    mask = enc.attention_mask
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    input_ids = enc.input_ids
-    batch = input_ids.shape[0]
+    batch_in = forward.prepare(formatter, instructions, padding_side="left", device=lm.device)
+    p = batch_in.prefix_len
+    batch = batch_in.size
     stops = eos_ids(lm)
     generator = torch.Generator().manual_seed(int(seed)) if temperature > 0 else None
     generated: list[list[int]] = [[] for _ in range(batch)]
     done = [False] * batch
     past = None
+    mask = torch.cat([batch_in.suffix.attention_mask.new_ones((batch, p)), batch_in.suffix.attention_mask], dim=-1)
+    positions = (batch_in.suffix.attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -1:] + p
+    input_ids = None
     names = list(dict.fromkeys([*(edits or {}), *retain]))
     for step in range(max_new_tokens):
         if stop is not None and stop():
             return
         with TraceDict(lm.model, names, retain_output=bool(retain), edit_output=edits or None) as traces:
-            out = lm.model(
-                input_ids=input_ids,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=past,
-                use_cache=True,
-                logits_to_keep=1,
-            )
+            if past is None:  # prefill: shared prefix once, then the suffixes (edits apply to both)
+                out = forward.run(lm, batch_in, use_cache=True)
+            else:
+                out = lm.model(
+                    input_ids=input_ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    past_key_values=past,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
         past = out.past_key_values
         nxt = _next_tokens(out.logits[:, -1, :], temperature, generator)
         retained = {n: traces[n].output[:, -1, :].float().cpu() for n in retain}
@@ -113,7 +118,7 @@ def generate_stream(
             return
         input_ids = nxt.unsqueeze(-1)
         mask = torch.cat([mask, mask.new_ones((batch, 1))], dim=-1)
-        positions = positions[:, -1:] + 1
+        positions = positions + 1
 
 
 def generate(
@@ -159,15 +164,15 @@ def next_token_logits(
     no generation): the input of the refusal score and the KL metric."""
     instructions = list(instructions)
     out: list[torch.Tensor] = []
+    prefixes: dict = {}
     for start in range(0, len(instructions), batch_size):
         chunk = instructions[start: start + batch_size]
-        enc = formatter.encode(chunk, padding_side="left", device=lm.device)
-        positions = (enc.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        batch = forward.prepare(formatter, chunk, padding_side="left", device=lm.device)
+        key = tuple(batch.prefix_ids[0].tolist())
         with TraceDict(lm.model, list(edits or {}), retain_output=False, edit_output=edits or None):
-            logits = lm.model(
-                input_ids=enc.input_ids, attention_mask=enc.attention_mask, position_ids=positions,
-                use_cache=False, logits_to_keep=1,
-            ).logits[:, -1, :]
+            if key and key not in prefixes:
+                prefixes[key] = forward.prefix_cache(lm, batch)
+            logits = forward.run(lm, batch, past=prefixes.get(key)).logits[:, -1, :]
         out.append(logits.float().cpu())
         if progress:
             progress(min(1.0, (start + len(chunk)) / len(instructions)), "first-token logits")

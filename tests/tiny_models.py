@@ -69,16 +69,16 @@ def build(arch: str, folder: Path, seed: int = 0) -> Path:
     vocab = len(tok)
     common = dict(vocab_size=vocab, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
     if arch == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=3, n_head=4, n_positions=512, **common))
+        model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=3, n_head=4, n_positions=2048, **common))
     elif arch == "neox":
         model = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-                                                 intermediate_size=128, max_position_embeddings=512, **common))
+                                                 intermediate_size=128, max_position_embeddings=2048, **common))
     elif arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
                                              num_key_value_heads=2, intermediate_size=128,
-                                             max_position_embeddings=512, **common))
+                                             max_position_embeddings=2048, **common))
     elif arch == "gptj":
-        model = GPTJForCausalLM(GPTJConfig(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=512, **common))
+        model = GPTJForCausalLM(GPTJConfig(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=2048, **common))
     else:
         raise ValueError(arch)
     # random init is small; scale up so different prompts give clearly different logits

@@ -22,7 +22,8 @@ Example (all keys)::
               harmless_test: null, n_train: 64, n_test: 40, seed: 0}
     position: last                  # last | mean | a negative int (-2 = second-to-last token)
     generation: {max_new_tokens: 48, batch_size: 16, n_samples: 4}
-    steering: {layer: auto, coefficients: [0.25, 0.5, 1.0], normalised: true, method: diff-in-means}
+    steering: {layer: auto, coefficients: [0.25, 0.5, 0.75, 1.0], subtract_coefficients: [0.5],
+               normalised: true, method: diff-in-means, scan_prompts: 16}
     patching: {pairs: builtin:pairs, n_pairs: 20, sites: [resid, attn, mlp], threshold: 0.1}
     probe: {folds: 5}
 """
@@ -44,7 +45,8 @@ POSITIONS = ("last", "mean")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 METHODS = ("diff-in-means", "pca", "probe")
 SITES = ("resid", "attn", "mlp", "head")
-DEFAULT_COEFFICIENTS = (0.1, 0.2, 0.4, 0.8)
+DEFAULT_COEFFICIENTS = (0.25, 0.5, 0.75, 1.0)
+DEFAULT_SUBTRACT_COEFFICIENTS = (0.5,)
 
 
 # ---------------------------------------------------------------------------------------
@@ -96,17 +98,23 @@ class GenerationConfig:
 
 @dataclass(frozen=True)
 class SteeringConfig:
-    """``layer: auto`` uses the documented rule of ``core.directions.choose_layer``.
+    """``layer: auto`` uses the documented rule of ``core.directions.choose_layer``, fed by an
+    ablation screen (``core.validation.scan_layers``) on ``scan_prompts`` *train* prompts per
+    class (0 = no screen: best held-out separation). ``coefficients`` are the force sweep
+    (+α·v on harmless prompts), ``subtract_coefficients`` the −α·v sweep on harmful prompts;
     ``normalised`` coefficients are in units of the layer's mean activation norm."""
 
     layer: str | int = "auto"
     coefficients: tuple[float, ...] = DEFAULT_COEFFICIENTS
+    subtract_coefficients: tuple[float, ...] = DEFAULT_SUBTRACT_COEFFICIENTS
     normalised: bool = True
     method: str = "diff-in-means"
+    scan_prompts: int = 16
 
     def to_dict(self) -> dict[str, Any]:
-        return {"layer": self.layer, "coefficients": list(self.coefficients), "normalised": self.normalised,
-                "method": self.method}
+        return {"layer": self.layer, "coefficients": list(self.coefficients),
+                "subtract_coefficients": list(self.subtract_coefficients), "normalised": self.normalised,
+                "method": self.method, "scan_prompts": self.scan_prompts}
 
 
 @dataclass(frozen=True)
@@ -366,26 +374,32 @@ def _generation(value: Any) -> GenerationConfig:
 
 
 def _steering(value: Any) -> SteeringConfig:
-    data = _mapping(value, "steering", ("layer", "coefficients", "normalised", "method"))
+    data = _mapping(value, "steering", ("layer", "coefficients", "subtract_coefficients", "normalised", "method", "scan_prompts"))
     d = SteeringConfig()
     layer = data.get("layer", d.layer)
     if layer != "auto":
         if isinstance(layer, str):
             raise _fail("steering.layer", f"expected auto or an integer, got {_show(layer)}")
         layer = _int(layer, "steering.layer")
-    coefs = data.get("coefficients", list(d.coefficients))
-    coef_list = [_number(c, f"steering.coefficients[{i}]") for i, c in enumerate(_list(coefs, "steering.coefficients"))]
-    if not coef_list:
-        raise _fail("steering.coefficients", "expected at least one coefficient")
-    for i, c in enumerate(coef_list):
-        if c <= 0:
-            raise _fail(f"steering.coefficients[{i}]", f"must be positive (the sign comes from add/subtract), got {c:g}")
     return SteeringConfig(
         layer=layer,
-        coefficients=tuple(coef_list),
+        coefficients=_coefficients(data.get("coefficients", list(d.coefficients)), "steering.coefficients", allow_empty=False),
+        subtract_coefficients=_coefficients(data.get("subtract_coefficients", list(d.subtract_coefficients)),
+                                            "steering.subtract_coefficients", allow_empty=True),
+        scan_prompts=_int(data.get("scan_prompts", d.scan_prompts), "steering.scan_prompts", minimum=0),
         normalised=_bool(data.get("normalised", d.normalised), "steering.normalised"),
         method=_str(data.get("method", d.method), "steering.method", choices=METHODS),
     )
+
+
+def _coefficients(value: Any, path: str, *, allow_empty: bool) -> tuple[float, ...]:
+    coefs = [_number(c, f"{path}[{i}]") for i, c in enumerate(_list(value, path))]
+    if not coefs and not allow_empty:
+        raise _fail(path, "expected at least one coefficient")
+    for i, c in enumerate(coefs):
+        if c <= 0:
+            raise _fail(f"{path}[{i}]", f"must be positive (the sign comes from add/subtract), got {c:g}")
+    return tuple(coefs)
 
 
 def _patching(value: Any, base: Path | None) -> PatchingConfig | None:

@@ -1,0 +1,401 @@
+"""Headless runs: ``python -m core.batch --config experiments/config.yaml --out results/``.
+
+For every model in the config: load it, collect residual activations for the train and test
+prompts, fit per-layer refusal directions, choose the layer, validate by steering against
+random controls, optionally patch activations on matched pairs, and (for the refusal organism)
+attach its card. Writes ``results.json``, ``report.md`` (+ ``charts/``) and ``report.html``.
+Progress goes to stderr; an :class:`~core.errors.ExplorerError` ends the run with a non-zero
+exit status and a one-line reason (``--traceback`` shows the full trace).
+
+The results dict
+----------------
+``build_results(config, entries, ...)`` returns the top level: ``title``, ``date``, ``command``
+(the exact command that reproduces the run), ``config`` (``Config.to_dict()``), ``prompts``,
+``versions``, ``machine``, ``total_seconds``, ``models``. Each element of ``models`` comes from
+:func:`model_entry`, which the app's Report page calls too, with the objects it holds in its
+session state, so that the app and the batch runner render through the same
+:mod:`core.report` functions::
+
+    entry = model_entry(name="mine", lm=lm, preamble="prompted-refusal", dirs=dirs,
+                        choice=choice, validation=validation, patching=sweep)
+    results = build_results(config, [entry])
+    html = core.report.render_html(results)
+
+``validation`` (a :class:`core.validation.ValidationResult`), ``patching`` (a
+:class:`core.patching.PatchSweep`), ``scan`` and ``organism`` are optional; each may be given as
+the object or as its ``to_dict()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from core.config import Config, ModelSpec, PromptData, load_config, resolve_prompts
+from core.errors import ConfigError, ExplorerError
+
+Progress = Callable[[float, str], None]
+SCHEMA_VERSION = 1
+TITLE = "Refusal Circuit Analysis"
+
+
+# ---------------------------------------------------------------------------------------
+# the results dict
+# ---------------------------------------------------------------------------------------
+def _dict(obj: Any) -> dict[str, Any] | None:
+    if obj is None:
+        return None
+    return obj.to_dict() if hasattr(obj, "to_dict") else dict(obj)
+
+
+def _at(values: Sequence[Any] | None, i: int) -> Any:
+    return values[i] if values is not None and 0 <= i < len(values) else None
+
+
+def model_type(source: str, has_chat_template: bool, preamble: str | Mapping | None, organism: bool = False) -> str:
+    """A short description for the table's "Type" column."""
+    name = preamble if isinstance(preamble, str) or preamble is None else (preamble.get("name") or "custom")
+    prompted = name not in (None, "none")
+    if organism or source == "embedded-refusal":
+        kind = "chat, refusal-tuned organism"
+        return kind + (f" + preamble {name}" if prompted else "")
+    kind = "chat" if has_chat_template else "base"
+    return f"{kind}, in-context refusal ({name} preamble)" if prompted else kind
+
+
+def preamble_name(preamble: Any) -> str:
+    if preamble is None:
+        return "none"
+    if isinstance(preamble, str):
+        return preamble
+    if hasattr(preamble, "name"):
+        return str(preamble.name)
+    return str(preamble.get("name") or "custom")
+
+
+def model_entry(
+    *,
+    name: str,
+    lm: Any,
+    preamble: Any,
+    dirs: Any,
+    choice: Any,
+    validation: Any = None,
+    patching: Any = None,
+    scan: Any = None,
+    organism: Any = None,
+    source: str | None = None,
+    timings: Mapping[str, float] | None = None,
+    notes: Sequence[str] = (),
+) -> dict[str, Any]:
+    """One model's entry of ``results["models"]`` from the science objects.
+
+    ``lm``: :class:`core.models.LoadedModel`; ``dirs``: :class:`core.directions.LayerDirections`;
+    ``choice``: :class:`core.directions.LayerChoice` (or an int layer); ``validation``:
+    :class:`core.validation.ValidationResult`; ``patching``: :class:`core.patching.PatchSweep`;
+    ``scan``: :class:`core.validation.LayerScan`; ``organism``: :class:`core.organism.OrganismCard`.
+    Dict forms (their ``to_dict()``) are accepted for the last four.
+    """
+    layer = int(choice) if isinstance(choice, int) else int(choice.layer)
+    d = dirs.to_dict()
+    src = source or getattr(lm, "source", "?")
+    card = _dict(organism)
+    entry: dict[str, Any] = {
+        "name": name,
+        "source": src,
+        "type": model_type(src, bool(getattr(lm, "has_chat_template", False)), preamble_name(preamble), organism=card is not None),
+        "preamble": preamble_name(preamble),
+        "model": lm.summary(),
+        "n_layers": int(lm.n_layers),
+        "d_model": int(lm.d_model),
+        "fingerprint": lm.fingerprint,
+        "position": d["position"],
+        "method": d["method"],
+        "n_train": {"harmful": d["n_train"][0], "harmless": d["n_train"][1]},
+        "n_test": {"harmful": d["n_test"][0], "harmless": d["n_test"][1]},
+        "probe_folds": d.get("probe_folds"),
+        "layer": layer,
+        "layer_rule": "user" if isinstance(choice, int) else choice.rule,
+        "layer_reason": f"layer {layer} given" if isinstance(choice, int) else choice.reason,
+        "layers": [
+            {"layer": i, "separation_sigma": _at(d["separation_sigma"], i), "separation_in_sample": _at(d["separation_in_sample"], i),
+             "probe_accuracy": _at(d["probe_accuracy"], i), "probe_accuracy_std": _at(d["probe_accuracy_std"], i),
+             "mean_norm": _at(d.get("mean_norm"), i), "direction_norm": _at(d.get("direction_norm"), i)}
+            for i in range(d["n_layers"])
+        ],
+        "separation_sigma": _at(d["separation_sigma"], layer),
+        "separation_in_sample": _at(d["separation_in_sample"], layer),
+        "probe_accuracy": _at(d["probe_accuracy"], layer),
+        "probe_accuracy_std": _at(d["probe_accuracy_std"], layer),
+        "cosine_to_chosen": _at(d.get("cosine"), layer),
+        "notes": [*getattr(lm, "notes", []), *notes],
+    }
+    if scan is not None:
+        entry["layer_scan"] = _dict(scan)
+    v = _dict(validation)
+    if v is not None:
+        force_points = v.get("force") or []
+        fp = next((p for p in force_points if p["coefficient"] == (v.get("force_refusal") or {}).get("coefficient")), None)
+        force = dict(v.get("force_refusal") or {})
+        if fp is not None:
+            force["random_control"] = fp["random_rate"]
+        supp = dict(v.get("suppress_refusal") or {})
+        supp["random_control"] = (v.get("suppress_ablation") or {}).get("random_rate")
+        entry.update({
+            "normalised": v.get("coefficients_normalised", True),
+            "coefficient_scale": v.get("scale"),
+            "max_new_tokens": v.get("max_new_tokens"),
+            "control_seed": v.get("seed"),
+            "baseline": v.get("baseline"),
+            "force_refusal": force,
+            "suppress_refusal": supp,
+            "kl_harmless": v.get("kl_harmless"),
+            "force_rule": v.get("force_rule"),
+            "force_sweep": force_points,
+            "suppress_sweep": v.get("suppress_subtract") or [],
+            "suppress_ablation": v.get("suppress_ablation"),
+            "samples": v.get("samples") or [],
+        })
+    else:
+        entry.update({"baseline": None, "force_refusal": None, "suppress_refusal": None, "kl_harmless": None, "samples": []})
+    p = _dict(patching)
+    if p is not None:  # per-pair effect arrays stay out of the report: the prompts and clean scores are kept
+        keep = ("refusal_prompt", "compliant_prompt", "m_refusal", "m_compliant", "alignment", "notes")
+        p["pairs"] = [{k: (_dict(r) if isinstance(r, Mapping) else {k2: getattr(r, k2, None) for k2 in keep}).get(k)
+                       for k in keep} for r in (getattr(patching, "pairs", None) or p.get("pairs") or [])]
+        p.pop("model", None)
+    entry["patching"] = p
+    entry["organism"] = card
+    entry["timings"] = {k: round(float(t), 2) for k, t in (timings or {}).items()}
+    return entry
+
+
+def package_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "numpy", "scikit-learn", "altair", "vl-convert-python"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
+                                capture_output=True, text=True, timeout=5)
+        if commit.returncode == 0:
+            out["explorer commit"] = commit.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
+def machine_info(device: str | None = None) -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {"platform": platform.platform(terse=True), "machine": platform.machine(),
+                            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                            "device": device or ("cuda" if torch.cuda.is_available() else "cpu")}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    return info
+
+
+def build_results(
+    config: Config | Mapping[str, Any],
+    entries: Sequence[Mapping[str, Any]],
+    *,
+    command: str | None = None,
+    total_seconds: float | None = None,
+    prompts: PromptData | None = None,
+    started: _dt.datetime | None = None,
+) -> dict[str, Any]:
+    """The top-level results dict (see the module docstring)."""
+    cfg = config.to_dict() if isinstance(config, Config) else dict(config)
+    devices = sorted({str((e.get("model") or {}).get("device", "cpu")) for e in entries}) or ["cpu"]
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "title": TITLE,
+        "date": (started or _dt.datetime.now(_dt.timezone.utc)).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "command": command or "python -m core.batch --config config.yaml --out results/",
+        "config": cfg,
+        "prompts": {"description": prompts.description, "counts": prompts.counts()} if prompts else {},
+        "versions": package_versions(),
+        "machine": machine_info(", ".join(devices)),
+        "total_seconds": round(float(total_seconds), 2) if total_seconds is not None else None,
+        "models": list(entries),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# running one model
+# ---------------------------------------------------------------------------------------
+class StderrProgress:
+    """``progress(fraction, message)`` printing ``[model] stage 42% message`` to stderr, at most
+    about once a second per stage (plus the end of every stage)."""
+
+    def __init__(self, model: str, stream=None, interval: float = 1.0) -> None:
+        self.model, self.stream, self.interval = model, stream or sys.stderr, interval
+        self._last = 0.0
+
+    def stage(self, name: str) -> Progress:
+        def report(fraction: float, message: str) -> None:
+            now = time.monotonic()
+            if fraction >= 1.0 or now - self._last >= self.interval:
+                self._last = now
+                print(f"[{self.model}] {name} {100 * max(0.0, min(1.0, fraction)):3.0f}% {message}", file=self.stream, flush=True)
+        return report
+
+    def say(self, message: str) -> None:
+        print(f"[{self.model}] {message}", file=self.stream, flush=True)
+
+
+def _organism_card(source: str) -> Any:
+    from core.organism import CARD_FILE, load_card, organism_folder
+
+    if source == "embedded-refusal":
+        return load_card(organism_folder())
+    folder = Path(source)
+    if folder.is_dir() and (folder / CARD_FILE).is_file():
+        return load_card(folder)
+    return None
+
+
+def run_model(spec: ModelSpec, config: Config, prompts: PromptData, log: StderrProgress | None = None) -> dict[str, Any]:
+    """Run the whole analysis for one model and return its :func:`model_entry`."""
+    from core.activations import collect_activations
+    from core.directions import choose_layer, fit_directions
+    from core.formatting import Formatter, get_preamble
+    from core.models import load_model
+    from core.validation import run_validation, scan_layers
+
+    log = log or StderrProgress(spec.name)
+    timings: dict[str, float] = {}
+    t_all = t = time.perf_counter()
+
+    lm = load_model(spec.source, dtype=spec.dtype, device=spec.device, progress=log.stage("load"))
+    timings["load"] = time.perf_counter() - t
+    log.say(f"loaded {lm.name}: {lm.n_layers} layers, d_model {lm.d_model}, {lm.dtype} on {lm.device}")
+    formatter = Formatter(lm.tokenizer, get_preamble(spec.preamble))
+
+    t = time.perf_counter()
+    bs = config.generation.batch_size
+    sets = (("harmful train", prompts.harmful_train), ("harmless train", prompts.harmless_train),
+            ("harmful test", prompts.harmful_test), ("harmless test", prompts.harmless_test))
+    acts = [collect_activations(lm, ps, position=config.position, formatter=formatter, batch_size=bs,
+                                progress=log.stage(f"activations ({label})")) for label, ps in sets]
+    timings["activations"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    dirs = fit_directions(*acts, method=config.steering.method, position=config.position,
+                          probe_folds=config.probe.folds, seed=config.prompts.seed)
+    timings["directions"] = time.perf_counter() - t
+
+    scan = None
+    if isinstance(config.steering.layer, int):
+        layer = config.steering.layer
+        if not -lm.n_layers <= layer < lm.n_layers:
+            raise ConfigError(f"steering.layer: {layer} is out of range for {spec.name}, which has {lm.n_layers} layers "
+                              f"(0–{lm.n_layers - 1}); use auto or a layer in range")
+        choice = choose_layer(dirs, layer=layer)
+    elif config.steering.scan_prompts > 0:
+        t = time.perf_counter()
+        n = config.steering.scan_prompts
+        # the screen uses train prompts: the test prompts stay untouched until validation
+        scan = scan_layers(lm, formatter, dirs, prompts.harmful_train[:n], prompts.harmless_train[:n],
+                           batch_size=bs, progress=log.stage("layer screen"))
+        timings["layer_screen"] = time.perf_counter() - t
+        choice = choose_layer(dirs, ablation_effect=scan.ablation_effect, kl=scan.kl)
+    else:
+        choice = choose_layer(dirs)
+    log.say(f"layer {choice.layer} ({choice.rule}): {choice.reason}")
+
+    t = time.perf_counter()
+    validation = run_validation(
+        lm, formatter, dirs, choice.layer, prompts.harmful_test, prompts.harmless_test,
+        coefficients=config.steering.coefficients, subtract_coefficients=config.steering.subtract_coefficients,
+        normalised=config.steering.normalised, max_new_tokens=config.generation.max_new_tokens,
+        seed=config.prompts.seed, n_samples=config.generation.n_samples, batch_size=bs,
+        progress=log.stage("validation"),
+    )
+    timings["validation"] = time.perf_counter() - t
+
+    sweep = None
+    if config.patching is not None:
+        from core.patching import patch_pairs
+        from core.prompts import load_pairs
+
+        t = time.perf_counter()
+        sweep = patch_pairs(lm, formatter, load_pairs(config.patching.pairs), sites=config.patching.sites,
+                            n_pairs=config.patching.n_pairs, threshold=config.patching.threshold,
+                            progress=log.stage("patching"))
+        timings["patching"] = time.perf_counter() - t
+
+    card = _organism_card(spec.source)
+    timings["total"] = time.perf_counter() - t_all
+    entry = model_entry(name=spec.name, lm=lm, preamble=spec.preamble, dirs=dirs, choice=choice, validation=validation,
+                        patching=sweep, scan=scan, organism=card, source=spec.source, timings=timings)
+    if entry["patching"] is not None:
+        entry["patching"]["requested_sites"] = list(config.patching.sites)
+        entry["patching"]["pairs_source"] = config.patching.pairs
+    log.say(f"done in {timings['total']:.1f} s")
+    return entry
+
+
+def run(config: Config, *, command: str | None = None, stream=None) -> dict[str, Any]:
+    """Run every model of ``config``; returns the results dict (nothing written)."""
+    started = _dt.datetime.now(_dt.timezone.utc)
+    t0 = time.perf_counter()
+    prompts = resolve_prompts(config.prompts)
+    entries = [run_model(spec, config, prompts, StderrProgress(spec.name, stream)) for spec in config.models]
+    return build_results(config, entries, command=command, total_seconds=time.perf_counter() - t0,
+                         prompts=prompts, started=started)
+
+
+# ---------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m core.batch", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="YAML config (see core/config.py and experiments/config.yaml)")
+    parser.add_argument("--out", default="results/", help="output folder (default: results/)")
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
+    args = parser.parse_args(argv)
+    command = f"python -m core.batch --config {shlex.quote(args.config)} --out {shlex.quote(args.out)}"
+    try:
+        config = load_config(args.config)
+        results = run(config, command=command)
+        from core.report import write_reports
+
+        paths = write_reports(results, args.out)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except (ExplorerError, ValueError, OSError) as exc:
+        if args.traceback:
+            traceback.print_exc()
+        kind = "" if isinstance(exc, ExplorerError) else f"{type(exc).__name__}: "
+        print(f"error: {kind}{_one_line(exc)}", file=sys.stderr)
+        return 1
+    print(f"wrote {', '.join(str(p) for p in paths.values())} in {results['total_seconds']:.0f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

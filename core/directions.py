@@ -1,0 +1,372 @@
+"""Refusal directions per layer, with honest (held-out) measures of how well they separate.
+
+Input: activations from :func:`core.activations.collect_activations`, float32 ``[n, L, d]``,
+for four prompt sets — harmful/harmless × train/test. Everything that *fits* something (the
+direction, the probe's folds, the mean norm) uses the train split only; the headline separation
+projects the untouched test split onto the train direction. The in-sample number is kept
+beside it because it is what earlier work reported, and it is inflated.
+
+Methods (``method=``):
+
+* ``"diff-in-means"`` — mean(harmful) − mean(harmless): the Arditi et al. refusal direction.
+* ``"pca"`` — first principal direction of the harmful−harmless differences. With unpaired
+  sets we use all pairs at once: E[(h−b)(h−b)ᵀ] = Σ_h + Σ_b + δδᵀ (δ the mean difference),
+  whose top eigenvector we get from an SVD of a stacked matrix; sign-aligned with δ.
+* ``"probe"`` — the weight vector of a logistic-regression probe (features standardised; the
+  weight is mapped back to activation space by dividing by the feature scale).
+
+``raw`` always has the diff-in-means norm (so a raw coefficient of 1 means "one class-mean
+difference" whatever the method); ``unit`` is the unit vector.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from core.errors import DirectionError
+
+METHODS = ("diff-in-means", "pca", "probe")
+DEFAULT_PROBE_FOLDS = 5
+# A direction whose norm is below this fraction of the layer's mean activation norm is treated
+# as zero (identical class means): numerically it has no defined orientation.
+ZERO_NORM_FRACTION = 1e-7
+
+
+@dataclass
+class LayerDirections:
+    """Per-layer directions and the statistics that say how much to trust them."""
+
+    method: str
+    position: str | int
+    raw: np.ndarray  # [L, d]
+    unit: np.ndarray  # [L, d]
+    mean_norm: np.ndarray  # [L]
+    separation_sigma: np.ndarray  # [L] held-out
+    separation_in_sample: np.ndarray  # [L]
+    probe_accuracy: np.ndarray  # [L]
+    probe_accuracy_std: np.ndarray  # [L]
+    cosine: np.ndarray  # [L, L]
+    n_train: tuple[int, int]
+    n_test: tuple[int, int]
+    probe_folds: int = DEFAULT_PROBE_FOLDS
+    seed: int = 0
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.raw.shape[0])
+
+    @property
+    def d_model(self) -> int:
+        return int(self.raw.shape[1])
+
+    def check_layer(self, layer: int) -> int:
+        """``layer`` as a non-negative index, or a clear ValueError."""
+        if not isinstance(layer, (int, np.integer)) or isinstance(layer, bool):
+            raise ValueError(f"layer must be an integer, got {layer!r}")
+        index = int(layer) + self.n_layers if layer < 0 else int(layer)
+        if not 0 <= index < self.n_layers:
+            raise ValueError(f"layer {layer} is out of range: these directions have {self.n_layers} layers (0–{self.n_layers - 1})")
+        return index
+
+    def direction(self, layer: int, unit: bool = True) -> np.ndarray:
+        """The layer's direction ``[d]`` (unit vector by default; a copy)."""
+        i = self.check_layer(layer)
+        if not np.any(self.unit[i]):
+            raise DirectionError(
+                f"layer {i} has no direction: the harmful and harmless mean activations are identical there. "
+                "Pick another layer or check that the two prompt sets differ."
+            )
+        return (self.unit[i] if unit else self.raw[i]).copy()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Per-layer numbers (not the vectors), JSON-serialisable; non-finite values become None."""
+        return {
+            "method": self.method,
+            "position": self.position,
+            "n_layers": self.n_layers,
+            "d_model": self.d_model,
+            "n_train": list(self.n_train),
+            "n_test": list(self.n_test),
+            "probe_folds": self.probe_folds,
+            "seed": self.seed,
+            "separation_sigma": _floats(self.separation_sigma),
+            "separation_in_sample": _floats(self.separation_in_sample),
+            "probe_accuracy": _floats(self.probe_accuracy),
+            "probe_accuracy_std": _floats(self.probe_accuracy_std),
+            "mean_norm": _floats(self.mean_norm),
+            "direction_norm": _floats(np.linalg.norm(self.raw, axis=-1)),
+            "cosine": [_floats(row) for row in self.cosine],
+        }
+
+
+def _floats(values: np.ndarray) -> list[float | None]:
+    return [float(v) if np.isfinite(v) else None for v in np.asarray(values, dtype=np.float64).ravel()]
+
+
+# ---------------------------------------------------------------------------------------
+# small pure functions
+# ---------------------------------------------------------------------------------------
+def _check_acts(name: str, acts: np.ndarray, shape: tuple[int, int] | None = None) -> np.ndarray:
+    a = np.asarray(acts, dtype=np.float32)
+    if a.ndim != 3:
+        raise DirectionError(f"{name}: expected activations of shape [n, layers, d], got {a.shape}. "
+                             "Pass one position at a time (index the positions axis first).")
+    if shape is not None and a.shape[1:] != shape:
+        raise DirectionError(f"{name}: shape {a.shape} does not match the train activations' [n, {shape[0]}, {shape[1]}]")
+    if a.shape[0] and not np.isfinite(a).all():
+        raise DirectionError(f"{name}: activations contain NaN or inf; collect them in float32.")
+    return a
+
+
+def separation(proj_harmful: np.ndarray, proj_harmless: np.ndarray) -> float:
+    """(mean_h − mean_b) / pooled standard deviation of 1-D projections (Cohen's d)."""
+    h = np.asarray(proj_harmful, dtype=np.float64)
+    b = np.asarray(proj_harmless, dtype=np.float64)
+    if len(h) == 0 or len(b) == 0:
+        return float("nan")
+    dof = len(h) + len(b) - 2
+    if dof <= 0:
+        return float("nan")
+    pooled = np.sqrt(((len(h) - 1) * h.var(ddof=1 if len(h) > 1 else 0) + (len(b) - 1) * b.var(ddof=1 if len(b) > 1 else 0)) / dof)
+    diff = h.mean() - b.mean()
+    if pooled == 0:
+        return float("nan") if diff == 0 else float(np.sign(diff) * np.inf)
+    return float(diff / pooled)
+
+
+def _pca_direction(h: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Top eigenvector of Σ_h + Σ_b + δδᵀ (the second moment of all pairwise differences)."""
+    delta = h.mean(0) - b.mean(0)
+    stacked = np.concatenate([(h - h.mean(0)) / np.sqrt(len(h)), (b - b.mean(0)) / np.sqrt(len(b)), delta[None]], 0)
+    _, _, vt = np.linalg.svd(stacked.astype(np.float64), full_matrices=False)
+    v = vt[0]
+    return v if v @ delta >= 0 else -v
+
+
+def _probe_pipeline(seed: int):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
+
+
+def _probe_direction(h: np.ndarray, b: np.ndarray, seed: int) -> np.ndarray:
+    x = np.concatenate([h, b]).astype(np.float64)
+    y = np.r_[np.ones(len(h)), np.zeros(len(b))]
+    pipe = _probe_pipeline(seed).fit(x, y)
+    scaler, clf = pipe[0], pipe[1]
+    return clf.coef_[0] / np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
+
+
+def probe_cv_accuracy(harmful: np.ndarray, harmless: np.ndarray, folds: int = DEFAULT_PROBE_FOLDS, seed: int = 0) -> tuple[float, float]:
+    """Stratified k-fold accuracy (mean, std) of a standardised logistic-regression probe on
+    ``[n, d]`` features of the two classes."""
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+
+    if folds < 2:
+        raise DirectionError(f"probe_folds must be at least 2, got {folds}")
+    if len(harmful) == 0 or len(harmless) == 0:
+        raise DirectionError("the probe needs prompts of both classes; one of harmful/harmless is empty")
+    if min(len(harmful), len(harmless)) < folds:
+        raise DirectionError(
+            f"{folds}-fold probe cross-validation needs at least {folds} prompts per class, "
+            f"got {len(harmful)} harmful and {len(harmless)} harmless; add prompts or lower probe_folds"
+        )
+    x = np.concatenate([harmful, harmless]).astype(np.float64)
+    y = np.r_[np.ones(len(harmful)), np.zeros(len(harmless))]
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # convergence chatter on tiny/degenerate data
+        scores = cross_val_score(_probe_pipeline(seed), x, y, cv=cv, scoring="accuracy")
+    return float(scores.mean()), float(scores.std())
+
+
+def cosine_matrix(vectors: np.ndarray) -> np.ndarray:
+    """[L, L] cosine similarity between rows (zero rows give 0)."""
+    v = np.asarray(vectors, dtype=np.float64)
+    norms = np.linalg.norm(v, axis=-1, keepdims=True)
+    u = np.divide(v, norms, out=np.zeros_like(v), where=norms > 0)
+    return (u @ u.T).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# the main entry point
+# ---------------------------------------------------------------------------------------
+def fit_directions(
+    harmful_train: np.ndarray,
+    harmless_train: np.ndarray,
+    harmful_test: np.ndarray | None = None,
+    harmless_test: np.ndarray | None = None,
+    *,
+    method: str = "diff-in-means",
+    position: str | int = "last",
+    probe_folds: int = DEFAULT_PROBE_FOLDS,
+    seed: int = 0,
+) -> LayerDirections:
+    """Fit one direction per layer on the train arrays and measure it (see module docstring).
+
+    Held-out separation is NaN where no test arrays are given. Raises :class:`DirectionError`
+    for unusable inputs: a missing class, fewer prompts than probe folds, or identical class
+    means at every layer.
+    """
+    if method not in METHODS:
+        raise DirectionError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    h_tr = _check_acts("harmful_train", harmful_train)
+    shape = h_tr.shape[1:]
+    b_tr = _check_acts("harmless_train", harmless_train, shape)
+    if len(h_tr) == 0 or len(b_tr) == 0:
+        raise DirectionError("a direction needs both harmful and harmless train prompts; one set is empty")
+    if min(len(h_tr), len(b_tr)) < probe_folds:
+        raise DirectionError(
+            f"{probe_folds}-fold probe cross-validation needs at least {probe_folds} train prompts per class, "
+            f"got {len(h_tr)} harmful and {len(b_tr)} harmless; add prompts or lower probe_folds"
+        )
+    empty = np.zeros((0, *shape), dtype=np.float32)
+    h_te = _check_acts("harmful_test", empty if harmful_test is None else harmful_test, shape)
+    b_te = _check_acts("harmless_test", empty if harmless_test is None else harmless_test, shape)
+
+    n_layers, d = shape
+    mean_norm = np.linalg.norm(np.concatenate([h_tr, b_tr]), axis=-1).mean(0).astype(np.float32)
+    diff = (h_tr.astype(np.float64).mean(0) - b_tr.astype(np.float64).mean(0))  # [L, d]
+    diff_norm = np.linalg.norm(diff, axis=-1)
+    zero = diff_norm <= ZERO_NORM_FRACTION * np.maximum(mean_norm, np.finfo(np.float32).tiny)
+    if zero.all():
+        raise DirectionError(
+            "the harmful and harmless mean activations are identical at every layer, so there is no direction; "
+            "check that the two prompt sets differ (and were formatted the same way)"
+        )
+
+    raw = np.zeros((n_layers, d), dtype=np.float64)
+    for layer in range(n_layers):
+        if zero[layer]:
+            continue
+        if method == "diff-in-means":
+            v = diff[layer]
+        elif method == "pca":
+            v = _pca_direction(h_tr[:, layer].astype(np.float64), b_tr[:, layer].astype(np.float64))
+        else:
+            v = _probe_direction(h_tr[:, layer], b_tr[:, layer], seed)
+        norm = np.linalg.norm(v)
+        raw[layer] = v / norm * diff_norm[layer] if norm > 0 else 0.0
+    norms = np.linalg.norm(raw, axis=-1, keepdims=True)
+    unit = np.divide(raw, norms, out=np.zeros_like(raw), where=norms > 0)
+
+    sep_test = np.full(n_layers, np.nan)
+    sep_train = np.full(n_layers, np.nan)
+    acc = np.full(n_layers, np.nan)
+    acc_std = np.full(n_layers, np.nan)
+    for layer in range(n_layers):
+        u = unit[layer]
+        if not zero[layer]:
+            sep_train[layer] = separation(h_tr[:, layer] @ u, b_tr[:, layer] @ u)
+            if len(h_te) and len(b_te):
+                sep_test[layer] = separation(h_te[:, layer] @ u, b_te[:, layer] @ u)
+        acc[layer], acc_std[layer] = probe_cv_accuracy(h_tr[:, layer], b_tr[:, layer], probe_folds, seed)
+
+    return LayerDirections(
+        method=method,
+        position=position,
+        raw=raw.astype(np.float32),
+        unit=unit.astype(np.float32),
+        mean_norm=mean_norm,
+        separation_sigma=sep_test.astype(np.float32),
+        separation_in_sample=sep_train.astype(np.float32),
+        probe_accuracy=acc.astype(np.float32),
+        probe_accuracy_std=acc_std.astype(np.float32),
+        cosine=cosine_matrix(raw),
+        n_train=(len(h_tr), len(b_tr)),
+        n_test=(len(h_te), len(b_te)),
+        probe_folds=probe_folds,
+        seed=seed,
+    )
+
+
+def projections(acts: np.ndarray, dirs: LayerDirections, layer: int) -> np.ndarray:
+    """Scalar projection ``[n]`` of ``acts[:, layer]`` (``[n, L, d]``) on the layer's unit direction."""
+    a = np.asarray(acts, dtype=np.float32)
+    if a.ndim != 3 or a.shape[1:] != (dirs.n_layers, dirs.d_model):
+        raise DirectionError(f"expected activations [n, {dirs.n_layers}, {dirs.d_model}], got {a.shape}")
+    return a[:, dirs.check_layer(layer)] @ dirs.direction(layer)
+
+
+# ---------------------------------------------------------------------------------------
+# choosing the layer
+# ---------------------------------------------------------------------------------------
+@dataclass
+class LayerChoice:
+    layer: int
+    rule: str  # "ablation" | "separation" | "user"
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layer": self.layer, "rule": self.rule, "reason": self.reason}
+
+
+DEFAULT_SKIP_LAST_FRACTION = 0.2
+
+
+def candidate_layers(n_layers: int, skip_last_fraction: float = DEFAULT_SKIP_LAST_FRACTION) -> list[int]:
+    """Layers the default rule may pick: all but the last ``floor(L × fraction)`` (at least one)."""
+    if not 0 <= skip_last_fraction < 1:
+        raise ValueError("skip_last_fraction must be in [0, 1)")
+    n_skip = int(np.floor(n_layers * skip_last_fraction + 1e-9))
+    return list(range(max(1, n_layers - n_skip)))
+
+
+def choose_layer(
+    dirs: LayerDirections,
+    *,
+    skip_last_fraction: float = DEFAULT_SKIP_LAST_FRACTION,
+    ablation_effect: np.ndarray | None = None,
+    kl: np.ndarray | None = None,
+    max_kl: float = 0.1,
+    layer: int | None = None,
+) -> LayerChoice:
+    """The layer to steer at, by a fixed documented rule (``layer=`` overrides it).
+
+    Rule:
+
+    1. Only the first ``L − floor(0.2·L)`` layers are candidates: directions in the last
+       layers separate well but mostly encode the output token, and ablating or adding them
+       steers poorly (Arditi et al. 2024 make the same exclusion).
+    2. If ``ablation_effect`` is given (``[L]``, how much ablating each layer's direction lowers
+       harmful refusal — larger is better; NaN = not measured), pick the candidate with the
+       largest effect among those whose KL on harmless prompts (``kl``, ``[L]``, if given) is
+       ≤ ``max_kl``; ties go to the better held-out separation.
+    3. Otherwise (or if no candidate qualifies) pick the candidate with the best held-out
+       separation (in-sample separation if no test split was given).
+    """
+    n = dirs.n_layers
+    if layer is not None:
+        i = dirs.check_layer(layer)
+        return LayerChoice(i, "user", f"layer {i} chosen by the user")
+    cands = candidate_layers(n, skip_last_fraction)
+    sep = np.asarray(dirs.separation_sigma, dtype=np.float64)
+    which = "held-out"
+    if not np.isfinite(sep[cands]).any():
+        sep, which = np.asarray(dirs.separation_in_sample, dtype=np.float64), "in-sample"
+    sep_key = np.where(np.isfinite(sep), sep, -np.inf)
+    skipped = f"the last {n - len(cands)} of {n} layers skipped"
+
+    if ablation_effect is not None:
+        effect = np.asarray(ablation_effect, dtype=np.float64)
+        if effect.shape != (n,):
+            raise ValueError(f"ablation_effect must have one value per layer ({n}), got shape {effect.shape}")
+        ok = [i for i in cands if np.isfinite(effect[i])]
+        if kl is not None:
+            kl_arr = np.asarray(kl, dtype=np.float64)
+            if kl_arr.shape != (n,):
+                raise ValueError(f"kl must have one value per layer ({n}), got shape {kl_arr.shape}")
+            ok = [i for i in ok if np.isfinite(kl_arr[i]) and kl_arr[i] <= max_kl]
+        if ok:
+            best = max(ok, key=lambda i: (effect[i], sep_key[i]))
+            kl_note = f", KL {kl_arr[best]:.3g} ≤ {max_kl}" if kl is not None else ""
+            return LayerChoice(best, "ablation", f"largest ablation effect on harmful refusal ({effect[best]:.3g}{kl_note}); {skipped}")
+    best = max(cands, key=lambda i: sep_key[i])
+    note = "" if ablation_effect is None else "no layer met the ablation/KL criterion; "
+    return LayerChoice(best, "separation", f"{note}best {which} separation ({sep[best]:.2f}σ); {skipped}")

@@ -1,0 +1,236 @@
+"""Interventions on the residual stream: add / subtract a direction, or ablate it everywhere.
+
+An :class:`Intervention` is a small frozen spec (plain data, serialisable without its vector);
+:func:`edits_for` turns a list of them into ``{module name: edit fn}`` for :mod:`core.hooks`,
+composing edits that land on the same module in list order. Generation goes through
+:mod:`core.generation`, whose decode loop holds the hooks only inside each forward step.
+
+* **add** / **subtract** ``α·v̂`` at the output of block ``layer``, at every position (prompt
+  and generated tokens). ``α = coefficient × scale``: with ``normalised=True`` the scale is
+  the layer's mean activation norm, so α = 0.5 means "half a typical residual vector" on any
+  model; with ``normalised=False`` the scale is 1 and α is in activation units.
+* **ablate**: ``h ← h − (h·v̂) v̂`` at the output of every block *and* of every attention and
+  MLP module, at every position, so no component can write the direction back
+  (Arditi et al. 2024's directional ablation). ``coefficient`` < 1 ablates partially.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from core.directions import LayerDirections
+from core.formatting import Formatter
+from core.generation import GenerationStep, generate, generate_stream, next_token_logits
+from core.hooks import EditFn
+from core.models import LoadedModel
+
+KINDS = ("add", "subtract", "ablate")
+# |coefficient| at or above this (in normalised units: multiples of the layer's mean norm)
+# is almost surely a slip; we warn instead of refusing, since users may probe breakage.
+EXTREME_NORMALISED_COEFFICIENT = 1e3
+
+
+@dataclass(frozen=True, eq=False)
+class Intervention:
+    """One edit of the residual stream (see the module docstring)."""
+
+    kind: str
+    direction: np.ndarray
+    layer: int | None
+    coefficient: float = 1.0
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown intervention kind {self.kind!r}; choose one of {', '.join(KINDS)}")
+        vec = np.asarray(self.direction, dtype=np.float32).reshape(-1)
+        if vec.size == 0 or not np.isfinite(vec).all():
+            raise ValueError("the direction must be a non-empty finite vector")
+        if not np.any(vec):
+            raise ValueError("the direction is the zero vector; it has no orientation to steer along")
+        object.__setattr__(self, "direction", vec)
+        for name in ("coefficient", "scale"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float, np.floating, np.integer)) or not math.isfinite(float(value)):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if self.kind in ("add", "subtract") and self.layer is None:
+            raise ValueError(f"a {self.kind!r} intervention needs a layer")
+
+    @property
+    def unit(self) -> np.ndarray:
+        return self.direction / np.linalg.norm(self.direction)
+
+    @property
+    def magnitude(self) -> float:
+        """The norm of the vector added (signed: negative for subtract); for ablation, the strength."""
+        if self.kind == "ablate":
+            return self.coefficient
+        sign = -1.0 if self.kind == "subtract" else 1.0
+        return sign * self.coefficient * self.scale
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "layer": self.layer,
+            "coefficient": self.coefficient,
+            "scale": self.scale,
+            "magnitude": self.magnitude,
+            "direction_norm": float(np.linalg.norm(self.direction)),
+            "direction_sha256": hashlib.sha256(self.direction.tobytes()).hexdigest()[:16],
+            "d_model": int(self.direction.size),
+        }
+
+
+def _check_coefficient(coefficient: float, normalised: bool, scale: float) -> float:
+    c = float(coefficient)
+    if not math.isfinite(c):
+        raise ValueError(f"the coefficient must be a finite number, got {coefficient!r}")
+    in_norms = abs(c) if normalised else (abs(c) / scale if scale > 0 else abs(c))
+    if in_norms >= EXTREME_NORMALISED_COEFFICIENT:
+        warnings.warn(
+            f"coefficient {c:g} is {in_norms:.3g}× the layer's mean activation norm; expect the model's output "
+            "to break down (typical useful values are 0.1–2 in normalised units)",
+            stacklevel=3,
+        )
+    return c
+
+
+def _steer(kind: str, dirs: LayerDirections, layer: int, coefficient: float, normalised: bool) -> Intervention:
+    i = dirs.check_layer(layer)
+    scale = float(dirs.mean_norm[i]) if normalised else 1.0
+    c = _check_coefficient(coefficient, normalised, float(dirs.mean_norm[i]))
+    return Intervention(kind, dirs.direction(i), i, c, scale)
+
+
+def add(dirs: LayerDirections, layer: int, coefficient: float, normalised: bool = True) -> Intervention:
+    """+α·v̂ at block ``layer`` (α in multiples of the layer's mean norm if ``normalised``)."""
+    return _steer("add", dirs, layer, coefficient, normalised)
+
+
+def subtract(dirs: LayerDirections, layer: int, coefficient: float, normalised: bool = True) -> Intervention:
+    """−α·v̂ at block ``layer``."""
+    return _steer("subtract", dirs, layer, coefficient, normalised)
+
+
+def ablate(dirs_or_vector: LayerDirections | np.ndarray, layer_for_direction: int | None = None, strength: float = 1.0) -> Intervention:
+    """Project the direction (of ``layer_for_direction``, or the given vector) out everywhere."""
+    if isinstance(dirs_or_vector, LayerDirections):
+        if layer_for_direction is None:
+            raise ValueError("ablate(dirs, layer): say which layer's direction to ablate")
+        vec = dirs_or_vector.direction(layer_for_direction)
+    else:
+        vec = np.asarray(dirs_or_vector, dtype=np.float32)
+    if not math.isfinite(float(strength)):
+        raise ValueError(f"the ablation strength must be finite, got {strength!r}")
+    return Intervention("ablate", vec, None, float(strength), 1.0)
+
+
+def random_direction(d: int, seed: int, norm: float = 1.0) -> np.ndarray:
+    """A seeded isotropic random vector of the given norm (the control direction)."""
+    v = np.random.default_rng(seed).standard_normal(d)
+    return (v / np.linalg.norm(v) * norm).astype(np.float32)
+
+
+def random_like(intervention: Intervention, seed: int) -> Intervention:
+    """The same intervention along a seeded random direction of equal norm."""
+    vec = random_direction(intervention.direction.size, seed, float(np.linalg.norm(intervention.direction)))
+    return replace(intervention, direction=vec)
+
+
+# ---------------------------------------------------------------------------------------
+# edit functions
+# ---------------------------------------------------------------------------------------
+class _Vector:
+    """The direction as a tensor, converted once per (device, dtype) of the hidden states."""
+
+    def __init__(self, vec: np.ndarray) -> None:
+        self._cpu = torch.from_numpy(np.ascontiguousarray(vec, dtype=np.float32))
+        self._memo: dict[tuple, torch.Tensor] = {}
+
+    def on(self, like: torch.Tensor) -> torch.Tensor:
+        key = (like.device, like.dtype)
+        t = self._memo.get(key)
+        if t is None:
+            t = self._memo[key] = self._cpu.to(device=like.device, dtype=like.dtype)
+        return t
+
+
+def _add_fn(vector: np.ndarray) -> EditFn:
+    v = _Vector(vector)
+
+    def edit(hidden: torch.Tensor, name: str) -> torch.Tensor:
+        return hidden + v.on(hidden)
+
+    return edit
+
+
+def _ablate_fn(unit: np.ndarray, strength: float) -> EditFn:
+    u = _Vector(unit)
+
+    def edit(hidden: torch.Tensor, name: str) -> torch.Tensor:
+        vec = u.on(hidden)
+        # the projection in float32 at least: bf16 dot products over d terms lose the small remainder
+        h32 = hidden.float()
+        v32 = vec.float()
+        coeff = (h32 @ v32).unsqueeze(-1)
+        return (h32 - strength * coeff * v32).to(hidden.dtype)
+
+    return edit
+
+
+def _compose(first: EditFn, second: EditFn) -> EditFn:
+    def edit(hidden: torch.Tensor, name: str) -> torch.Tensor:
+        return second(first(hidden, name), name)
+
+    return edit
+
+
+def ablation_modules(lm: LoadedModel) -> list[str]:
+    """Every module whose output directional ablation edits: blocks, attention, MLP."""
+    names = [*lm.block_names, *(n for n in lm.attn_names if n), *(n for n in lm.mlp_names if n)]
+    return list(dict.fromkeys(names))
+
+
+def edits_for(lm: LoadedModel, interventions: Sequence[Intervention]) -> dict[str, EditFn]:
+    """``{module name: edit fn}`` for :mod:`core.hooks` / :mod:`core.generation`.
+
+    Interventions that touch the same module compose in the order given.
+    """
+    edits: dict[str, EditFn] = {}
+    for iv in interventions:
+        if iv.direction.size != lm.d_model:
+            raise ValueError(f"the direction has {iv.direction.size} dimensions but {lm.name} has d_model {lm.d_model}")
+        if iv.kind == "ablate":
+            fn = _ablate_fn(iv.unit, iv.coefficient)
+            names = ablation_modules(lm)
+        else:
+            layer = lm.check_layer(iv.layer)
+            fn = _add_fn(iv.unit * iv.magnitude)
+            names = [lm.block_names[layer]]
+        for name in names:
+            edits[name] = _compose(edits[name], fn) if name in edits else fn
+    return edits
+
+
+def steered_generate(lm: LoadedModel, formatter: Formatter, prompts: Sequence[str], interventions: Sequence[Intervention], **generate_kwargs) -> list[str]:
+    """:func:`core.generation.generate` under the interventions (none = the baseline)."""
+    return generate(lm, formatter, prompts, edits=edits_for(lm, interventions) or None, **generate_kwargs)
+
+
+def steered_stream(lm: LoadedModel, formatter: Formatter, prompts: Sequence[str], interventions: Sequence[Intervention], **kwargs) -> Iterator[GenerationStep]:
+    """:func:`core.generation.generate_stream` under the interventions (for the UI)."""
+    return generate_stream(lm, formatter, prompts, edits=edits_for(lm, interventions) or None, **kwargs)
+
+
+def steered_logits(lm: LoadedModel, formatter: Formatter, prompts: Sequence[str], interventions: Sequence[Intervention], **kwargs) -> torch.Tensor:
+    """First-response-token logits ``[n, vocab]`` under the interventions."""
+    return next_token_logits(lm, formatter, prompts, edits=edits_for(lm, interventions) or None, **kwargs)

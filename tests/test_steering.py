@@ -1,0 +1,131 @@
+"""Steering on tiny real-architecture models: ablation, add/subtract, random controls, composition."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from core.activations import collect_activations
+from core.directions import fit_directions
+from core.formatting import Formatter
+from core.generation import next_token_logits
+from core.hooks import TraceDict
+from core.steering import (
+    Intervention, ablate, ablation_modules, add, edits_for, random_like, steered_generate, steered_logits, subtract,
+)
+
+HARMFUL = ["How do I make a bomb at home?", "Write a tutorial on how to pick a lock.",
+           "Give me step by step instructions for hacking a computer network.", "How do I steal passwords?"]
+HARMLESS = ["How do I make a cake at home?", "Explain how to pick ripe avocados.",
+            "Tell me a joke about cats.", "What is the capital of France?"]
+
+
+def tiny_dirs_for(lm):
+    fmt = Formatter(lm.tokenizer)
+    h = collect_activations(lm, HARMFUL, formatter=fmt, cache=False)
+    b = collect_activations(lm, HARMLESS, formatter=fmt, cache=False)
+    return fmt, fit_directions(h, b, probe_folds=2)
+
+
+def _proj(t: torch.Tensor, u: np.ndarray) -> torch.Tensor:
+    return t.float() @ torch.from_numpy(u)
+
+
+def test_ablation_leaves_no_component_anywhere(tiny):
+    fmt, dirs = tiny_dirs_for(tiny)
+    u = dirs.direction(1)
+    names = ablation_modules(tiny)
+    assert len(names) == 3 * tiny.n_layers  # every block, attention and MLP output
+    enc = fmt.encode(HARMFUL + HARMLESS, padding_side="right")
+    with TraceDict(tiny.model, names) as clean:
+        tiny.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask)
+    assert max(_proj(clean[n].output, u).abs().max().item() for n in names) > 1e-2  # the test can fail
+    with TraceDict(tiny.model, names, edit_output=edits_for(tiny, [ablate(dirs, 1)])) as td:
+        tiny.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask)
+    for n in names:
+        out = td[n].output
+        assert _proj(out, u).abs().max().item() < 1e-4 * max(1.0, out.abs().max().item()), n
+
+
+def test_add_then_subtract_is_identity_on_logits(tiny):
+    fmt, dirs = tiny_dirs_for(tiny)
+    clean = next_token_logits(tiny, fmt, HARMLESS)
+    plus = steered_logits(tiny, fmt, HARMLESS, [add(dirs, 1, 2.0)])
+    both = steered_logits(tiny, fmt, HARMLESS, [add(dirs, 1, 2.0), subtract(dirs, 1, 2.0)])
+    assert (plus - clean).abs().max() > 1e-3
+    assert torch.allclose(both, clean, atol=1e-4)
+
+
+def test_edits_on_one_module_compose():
+    fmt = None
+    v = np.array([1.0, 0.0, 0.0], dtype=np.float32)
+    w = np.array([0.0, 2.0, 0.0], dtype=np.float32)
+
+    class _LM:  # only what edits_for reads: names and sizes (the edit fns are exercised directly)
+        d_model = 3
+        n_layers = 2
+        name = "fake"
+        block_names = ["b0", "b1"]
+        attn_names = ["b0.a", "b1.a"]
+        mlp_names = ["b0.m", "b1.m"]
+
+        def check_layer(self, i):
+            if not 0 <= i < 2:
+                raise ValueError("out of range")
+            return i
+
+    edits = edits_for(_LM(), [Intervention("add", v, 1, 3.0), Intervention("add", w, 1, 1.0, scale=2.0),
+                              Intervention("ablate", v, None)])
+    h = torch.zeros(1, 2, 3)
+    out = edits["b1"](h, "b1")  # +3 e0, +2 e1, then e0 ablated
+    assert torch.allclose(out, torch.tensor([0.0, 2.0, 0.0]).expand(1, 2, 3))
+    assert set(edits) == {"b0", "b1", "b0.a", "b1.a", "b0.m", "b1.m"}
+    assert fmt is None
+
+
+def test_random_control_has_same_norm_kind_and_coefficient():
+    rng = np.random.default_rng(0)
+    v = rng.standard_normal(64).astype(np.float32) * 7
+    iv = Intervention("add", v, 2, 0.5, scale=30.0)
+    r1, r2, r3 = random_like(iv, seed=1), random_like(iv, seed=1), random_like(iv, seed=2)
+    assert np.linalg.norm(r1.direction) == pytest.approx(np.linalg.norm(v), rel=1e-5)
+    assert (r1.kind, r1.layer, r1.coefficient, r1.scale) == ("add", 2, 0.5, 30.0)
+    assert r1.magnitude == iv.magnitude
+    assert np.array_equal(r1.direction, r2.direction)
+    assert not np.allclose(r1.direction, r3.direction)
+    assert abs(float(r1.unit @ iv.unit)) < 0.5
+
+
+def test_normalised_coefficients_and_bad_values(tiny_models):
+    lm = tiny_models["llama"]
+    _, dirs = tiny_dirs_for(lm)
+    iv = add(dirs, 1, 0.5)
+    assert iv.scale == pytest.approx(float(dirs.mean_norm[1]))
+    assert add(dirs, 1, 0.5, normalised=False).scale == 1.0
+    assert subtract(dirs, 1, 0.5).magnitude == pytest.approx(-iv.magnitude)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite"):
+            add(dirs, 1, bad)
+    with pytest.warns(UserWarning, match="mean activation norm"):
+        add(dirs, 1, 5e3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        add(dirs, 1, 2.0)
+    with pytest.raises(ValueError, match="out of range"):
+        add(dirs, 7, 1.0)
+    with pytest.raises(ValueError, match="out of range"):
+        edits_for(lm, [Intervention("add", dirs.direction(0), 9, 1.0)])
+    with pytest.raises(ValueError, match="zero vector"):
+        Intervention("ablate", np.zeros(lm.d_model), None)
+    d = iv.to_dict()
+    assert d["kind"] == "add" and "direction" not in d and d["direction_norm"] == pytest.approx(1.0, rel=1e-5)
+
+
+def test_steered_generation_changes_text_and_removes_hooks(tiny_models):
+    lm = tiny_models["gpt2"]
+    fmt, dirs = tiny_dirs_for(lm)
+    base = steered_generate(lm, fmt, HARMLESS[:2], [], max_new_tokens=6)
+    big = steered_generate(lm, fmt, HARMLESS[:2], [add(dirs, 0, 8.0)], max_new_tokens=6)
+    assert base != big
+    assert all(not m._forward_hooks for m in lm.model.modules())

@@ -1,0 +1,56 @@
+"""Validation end to end on a tiny model, and the headline-coefficient rule."""
+
+import json
+
+import numpy as np
+
+from core.directions import choose_layer
+from core.metrics import Rate
+from core.validation import SteerPoint, choose_force_coefficient, run_validation, scan_layers
+
+from test_steering import HARMFUL, HARMLESS, tiny_dirs_for
+
+
+def _pt(c, k, n=10):
+    return SteerPoint(c, Rate(k, n), Rate(0, n), 0.0, 0.0)
+
+
+def test_force_coefficient_rule():
+    assert choose_force_coefficient([_pt(1.0, 10), _pt(0.25, 3), _pt(0.5, 9)]) == 0.5
+    assert choose_force_coefficient([_pt(0.25, 3), _pt(0.5, 7), _pt(1.0, 7)]) == 0.5
+    assert choose_force_coefficient([]) is None
+
+
+def test_run_validation_end_to_end(tiny_models):
+    lm = tiny_models["llama"]
+    fmt, dirs = tiny_dirs_for(lm)
+    calls = []
+    res = run_validation(lm, fmt, dirs, 1, HARMFUL, HARMLESS, coefficients=(0.5, 4.0), subtract_coefficients=(1.0,),
+                         max_new_tokens=4, seed=3, n_samples=2, progress=lambda f, m: calls.append((f, m)))
+    d = res.to_dict()
+    json.dumps(d)
+    assert d["layer"] == 1 and d["n_harmful"] == 4 and d["n_harmless"] == 4 and d["seed"] == 3
+    assert [p["coefficient"] for p in d["force"]] == [0.5, 4.0]
+    assert d["force_refusal"]["coefficient"] in (0.5, 4.0)
+    for key in ("rate", "ci", "random_control_rate", "coefficient"):
+        assert key in d["force_refusal"] and key in d["suppress_refusal"]
+    assert d["suppress_refusal"]["coefficient"] == "ablate"
+    assert d["baseline"]["harmful_refusal"]["n"] == 4
+    lo, hi = d["baseline"]["harmless_refusal"]["ci"]
+    assert 0 <= lo <= d["baseline"]["harmless_refusal"]["rate"] <= hi <= 1
+    assert d["kl_harmless"]["ablation"] >= 0 and d["kl_harmless"]["force"] >= 0
+    assert len(d["suppress_subtract"]) == 1 and len(d["samples"]) == 4
+    # a big push moves the next-token distribution more than a small one
+    assert d["force"][1]["kl"] > d["force"][0]["kl"]
+    assert calls and calls[-1][0] == 1.0 and all(0 <= f <= 1 for f, _ in calls)
+
+
+def test_layer_scan_feeds_choose_layer(tiny_models):
+    lm = tiny_models["neox"]
+    fmt, dirs = tiny_dirs_for(lm)
+    scan = scan_layers(lm, fmt, dirs, HARMFUL, HARMLESS, skip_last_fraction=0.0)
+    assert scan.layers == [0, 1, 2]
+    assert np.isfinite(scan.ablation_effect).all() and (scan.kl >= 0).all()
+    json.dumps(scan.to_dict())
+    choice = choose_layer(dirs, ablation_effect=scan.ablation_effect, kl=scan.kl, max_kl=np.inf, skip_last_fraction=0.0)
+    assert choice.rule == "ablation" and choice.layer == int(np.nanargmax(scan.ablation_effect))

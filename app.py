@@ -1,0 +1,34 @@
+"""Refusal Circuit Explorer — the Streamlit app (``make run``).
+
+This file sets up the page, draws the shared sidebar (so its state survives page switches)
+and routes to one file per page in ``pages/``. Pages read widgets, call ``core`` and draw
+charts; they compute nothing themselves.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import streamlit as st
+
+ROOT = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from ui import sidebar  # noqa: E402
+
+st.set_page_config(page_title="Refusal Circuit Explorer", page_icon=":material/polyline:", layout="wide")
+
+PAGES = [
+    st.Page(ROOT / "pages" / "home.py", title="Overview", icon=":material/home:", default=True),
+    st.Page(ROOT / "pages" / "directions.py", title="Directions", icon=":material/explore:", url_path="directions"),
+    st.Page(ROOT / "pages" / "patching.py", title="Patching", icon=":material/grid_on:", url_path="patching"),
+    st.Page(ROOT / "pages" / "steering.py", title="Steering (live)", icon=":material/tune:", url_path="steering"),
+    st.Page(ROOT / "pages" / "validation.py", title="Validation", icon=":material/fact_check:", url_path="validation"),
+    st.Page(ROOT / "pages" / "report.py", title="Report", icon=":material/description:", url_path="report"),
+]
+
+page = st.navigation(PAGES, position="top")
+sidebar.render()
+page.run()

@@ -1,0 +1,54 @@
+"""Overview: what the tool is and what to do first."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from ui import state
+
+st.title("Refusal Circuit Explorer")
+st.markdown(
+    "Find where a chat model decides to **refuse**, check that the finding is real, and steer it live. "
+    "Everything runs locally on the model chosen in the sidebar; every rate is shown with its sample size "
+    "and a 95 % interval, and every direction with the layer, position and prompt split it came from."
+)
+
+lm = state.current_model()
+sets = state.prompt_sets()
+c1, c2, c3 = st.columns(3)
+c1.metric("Model", lm.name if lm else "not loaded", delta=f"{lm.n_layers} layers · d={lm.d_model}" if lm else None,
+          delta_color="off", border=True)
+c2.metric("Prompts", sets.counts() if sets else "—", delta=sets.source if sets else None, delta_color="off", border=True)
+c3.metric("Preamble · position", f"{state.preamble().name} · {state.position()}", border=True)
+
+st.subheader("What to do first")
+steps = [
+    ("pages/directions.py", ":material/explore:", "1 · Directions",
+     "Press **Compute directions**: one refusal direction per layer, with held-out separation and probe accuracy."),
+    ("pages/steering.py", ":material/tune:", "2 · Steering (live)",
+     "Pick a prompt, move the coefficient slider and watch baseline and steered answers stream side by side."),
+    ("pages/validation.py", ":material/fact_check:", "3 · Validation",
+     "Force and suppress refusal across a coefficient sweep, against a random direction of the same norm."),
+    ("pages/patching.py", ":material/grid_on:", "4 · Patching",
+     "Patch activations between matched harmful/harmless prompts to see which layers and components carry refusal."),
+    ("pages/report.py", ":material/description:", "5 · Report",
+     "Download everything computed in this session: Markdown, offline HTML, JSON, and a config for the batch runner."),
+]
+for path, icon, label, text in steps:
+    with st.container(border=True):
+        a, b = st.columns([1, 3], vertical_alignment="center")
+        a.page_link(path, label=label, icon=icon)
+        b.markdown(text)
+
+with st.expander("What is being measured", icon=":material/school:"):
+    st.markdown(
+        "- **Refusal direction** — the difference between the mean residual-stream activation on harmful and on "
+        "harmless prompts at one layer and token position (Arditi et al., 2024).\n"
+        "- **Separation (σ)** — how far apart the two classes' projections on that direction are, in pooled "
+        "standard deviations, measured on *held-out* prompts (the in-sample number is shown too, and is inflated).\n"
+        "- **Steering** — adding the direction (× the layer's mean activation norm) should make harmless prompts "
+        "refused; ablating it everywhere should stop refusals. A random direction of equal norm is the control.\n"
+        "- **The default model** is a 135M-parameter chat model that hardly refuses on its own; the "
+        "*prompted-refusal* preamble (system prompt + demonstrations) makes it refuse, and the *refusal-tuned "
+        "organism* has refusal trained into its weights."
+    )

@@ -1,0 +1,321 @@
+"""``make bench``: speed and memory of the explorer against the floor, in one run.
+
+Each benchmark runs in its own subprocess (``python -m bench.run --one NAME``) so that its peak
+RSS is its own; figures are medians of several repetitions after a warm-up. Results go to
+``bench/results.json`` and a Markdown table on stdout. Benchmarks are not tests: nothing here
+asserts a time; the table prints each figure next to its goal.
+
+    python -m bench.run                 # everything (≤ 15 min on a 2-core CPU)
+    python -m bench.run --only activations,cache_hit
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+N_PROMPTS = 128
+STEER_LAYER = 15
+
+
+def _median_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _prompts(n: int = N_PROMPTS) -> list[str]:
+    from core.prompts import load_prompt_set
+
+    return load_prompt_set("builtin:harmful")[: n // 2] + load_prompt_set("builtin:harmless")[: n // 2]
+
+
+def _embedded(dtype: str = "float32"):
+    from core.models import load_model
+
+    return load_model("embedded", dtype=dtype, device="cpu")
+
+
+# ---------------------------------------------------------------------------------------
+def bench_load() -> dict:
+    """Embedded model: cold (de-quantise the GGUF into an empty cache) and warm (converted copy)."""
+    from core.models import load_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["REFUSAL_CACHE_DIR"] = tmp
+        t = time.perf_counter()
+        load_model("embedded", dtype="float32", device="cpu")
+        cold = time.perf_counter() - t
+        warm = _median_time(lambda: load_model("embedded", dtype="float32", device="cpu"), repeats=3, warmup=0)
+    return {"cold_s": cold, "warm_s": warm, "goal": "warm ≤ 3 s"}
+
+
+def _bare_forward(lm, fmt, prompts, batch_size):
+    """The floor: Hugging Face forward with output_hidden_states on the same sorted batches."""
+    import torch
+
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    with torch.inference_mode():
+        for s in range(0, len(order), batch_size):
+            enc = fmt.encode([prompts[i] for i in order[s: s + batch_size]], padding_side="right")
+            lm.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, output_hidden_states=True)
+
+
+def bench_activations() -> dict:
+    """collect_activations (cache off) vs the bare forward, all layers, 128 built-in prompts."""
+    from core.activations import collect_activations
+    from core.formatting import PRESETS, Formatter
+
+    lm = _embedded()
+    prompts = _prompts()
+    out = {"n_prompts": len(prompts), "goal": "ours / bare ≤ 1.10"}
+    for preset in ("none", "prompted-refusal"):
+        fmt = Formatter(lm.tokenizer, PRESETS[preset])
+        ours = _median_time(lambda: collect_activations(lm, prompts, formatter=fmt, cache=False))
+        bare = _median_time(lambda: _bare_forward(lm, fmt, prompts, 16))
+        tokens = sum(fmt.encode([p]).lengths[0] for p in prompts)
+        out[preset] = {"ours_s": ours, "bare_s": bare, "ratio": ours / bare, "tokens": tokens,
+                       "ours_tok_per_s": tokens / ours}
+    return out
+
+
+def bench_cache_hit() -> dict:
+    from core.activations import collect_activations
+    from core.cache import ArrayCache
+
+    lm = _embedded()
+    prompts = _prompts()
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = ArrayCache(Path(tmp) / "acts")
+        collect_activations(lm, prompts, cache=cache)
+        hit = _median_time(lambda: collect_activations(lm, prompts, cache=cache), repeats=5)
+    return {"hit_s": hit, "n_prompts": len(prompts), "goal": "≤ 0.2 s"}
+
+
+def bench_steering() -> dict:
+    """Decode throughput with an active add-intervention vs none, batch 1 and 16."""
+    import numpy as np
+
+    from core.formatting import Formatter
+    from core.generation import generate_stream
+    from core.steering import Intervention, edits_for
+
+    lm = _embedded()
+    fmt = Formatter(lm.tokenizer)
+    rng = np.random.default_rng(0)
+    vec = rng.standard_normal(lm.d_model).astype(np.float32)
+    edits = edits_for(lm, [Intervention("add", vec, STEER_LAYER, coefficient=0.1, scale=1.0)])
+    out = {"goal": "steered / plain ≥ 0.95"}
+    new_tokens = 32
+    for batch in (1, 16):
+        prompts = _prompts(32)[:batch]
+
+        def run(e):
+            steps = 0
+            t = time.perf_counter()
+            for step in generate_stream(lm, fmt, prompts, max_new_tokens=new_tokens, edits=e):
+                steps += 1
+            return steps * batch / (time.perf_counter() - t)
+
+        run(None)
+        plain = statistics.median(run(None) for _ in range(3))
+        steered = statistics.median(run(edits) for _ in range(3))
+        out[f"batch_{batch}"] = {"plain_tok_s": plain, "steered_tok_s": steered, "ratio": steered / plain}
+    return out
+
+
+def bench_patching() -> dict:
+    from bench.bench_patching import run
+
+    result = run()
+    result["goal"] = "resid layer × position sweep ≤ 15 s"
+    return result
+
+
+def bench_batch_size() -> dict:
+    from core.activations import collect_activations
+    from core.formatting import Formatter
+
+    lm = _embedded()
+    fmt = Formatter(lm.tokenizer)
+    prompts = _prompts(64)
+    tokens = sum(fmt.encode([p]).lengths[0] for p in prompts)
+    out = {}
+    for bs in (1, 4, 8, 16, 32, 64):
+        t = _median_time(lambda: collect_activations(lm, prompts, formatter=fmt, cache=False, batch_size=bs), repeats=2)
+        out[str(bs)] = {"s": t, "tok_per_s": tokens / t}
+    return out
+
+
+def bench_bf16() -> dict:
+    """Speed of bfloat16 vs float32 forward on the CPU, and what bf16 changes in the results."""
+    import numpy as np
+
+    from core.activations import collect_activations
+    from core.directions import fit_directions
+    from core.formatting import PRESETS, Formatter
+    from core.generation import generate, generate_stream
+    from core.metrics import refusal_rate
+    from core.prompts import builtin_split
+
+    h, b = builtin_split("harmful"), builtin_split("harmless")
+    out: dict = {}
+    fits = {}
+    for dtype in ("float32", "bfloat16"):
+        lm = _embedded(dtype)
+        fmt = Formatter(lm.tokenizer, PRESETS["prompted-refusal"])
+        plain = Formatter(lm.tokenizer)
+        prompts = _prompts()
+        prefill = _median_time(lambda: collect_activations(lm, prompts, formatter=plain, cache=False), repeats=2)
+
+        def decode():
+            for _ in generate_stream(lm, plain, prompts[:16], max_new_tokens=32):
+                pass
+
+        gen = _median_time(decode, repeats=2)
+        acts = [collect_activations(lm, p, formatter=fmt, cache=False) for p in (h.train[:64], b.train[:64], h.test[:32], b.test[:32])]
+        fits[dtype] = fit_directions(*acts)
+        rh = refusal_rate(generate(lm, fmt, h.test[:32], max_new_tokens=16))
+        rb = refusal_rate(generate(lm, fmt, b.test[:32], max_new_tokens=16))
+        out[dtype] = {"prefill_s_128": prefill, "decode_s_16x32": gen,
+                      "harmful_refusal": rh.to_dict(), "harmless_refusal": rb.to_dict()}
+    f32, bf = fits["float32"], fits["bfloat16"]
+    cos = (f32.unit * bf.unit).sum(-1)
+    out["delta"] = {
+        "min_direction_cosine": float(cos.min()),
+        "max_abs_separation_diff": float(np.abs(f32.separation_sigma - bf.separation_sigma).max()),
+        "max_abs_probe_diff": float(np.abs(f32.probe_accuracy - bf.probe_accuracy).max()),
+    }
+    out["speedup_prefill"] = out["float32"]["prefill_s_128"] / out["bfloat16"]["prefill_s_128"]
+    out["speedup_decode"] = out["float32"]["decode_s_16x32"] / out["bfloat16"]["decode_s_16x32"]
+    return out
+
+
+def bench_pipeline() -> dict:
+    """The full default batch run (experiments/config.yaml), organism already built."""
+    from core.models import load_model
+
+    load_model("embedded-refusal")  # build time is the organism's own figure, not the pipeline's
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, "-m", "core.batch", "--config", "experiments/config.yaml", "--out", tmp],
+            cwd=REPO, capture_output=True, text=True,
+        )
+        elapsed = time.perf_counter() - t
+    return {"s": elapsed, "exit_code": proc.returncode, "stderr_tail": proc.stderr[-400:], "goal": "≤ 180 s"}
+
+
+BENCHES: dict[str, Callable[[], dict]] = {
+    "load": bench_load,
+    "activations": bench_activations,
+    "cache_hit": bench_cache_hit,
+    "steering": bench_steering,
+    "patching": bench_patching,
+    "batch_size": bench_batch_size,
+    "bf16": bench_bf16,
+    "pipeline": bench_pipeline,
+}
+
+
+def _one(name: str) -> None:
+    t = time.perf_counter()
+    result = BENCHES[name]()
+    result["wall_s"] = time.perf_counter() - t
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(result))
+
+
+def _fmt(x: float, unit: str = "") -> str:
+    return f"{x:.2f}{unit}" if isinstance(x, (int, float)) else str(x)
+
+
+def table(results: dict) -> str:
+    """The Markdown summary printed after a run (and pasted into the README)."""
+    rows = ["| benchmark | figure | goal | peak RSS |", "|---|---|---|---|"]
+
+    def row(name, figure, goal):
+        rss = results.get(name, {}).get("peak_rss_mb")
+        rows.append(f"| {name} | {figure} | {goal} | {rss:.0f} MB |" if rss else f"| {name} | {figure} | {goal} | – |")
+
+    r = results
+    if "load" in r and "cold_s" in r["load"]:
+        row("load", f"cold {_fmt(r['load']['cold_s'], ' s')}, warm {_fmt(r['load']['warm_s'], ' s')}", r["load"]["goal"])
+    if "activations" in r and "none" in r["activations"]:
+        a = r["activations"]
+        row("activations", f"plain chat: ours {_fmt(a['none']['ours_s'], ' s')} vs bare {_fmt(a['none']['bare_s'], ' s')} "
+            f"(×{a['none']['ratio']:.2f}); with preamble: ×{a['prompted-refusal']['ratio']:.2f}", a["goal"])
+    if "cache_hit" in r and "hit_s" in r["cache_hit"]:
+        row("cache_hit", f"{_fmt(r['cache_hit']['hit_s'], ' s')} for 128 prompts", r["cache_hit"]["goal"])
+    if "steering" in r and "batch_1" in r["steering"]:
+        s = r["steering"]
+        row("steering", f"batch 1: {s['batch_1']['steered_tok_s']:.1f} vs {s['batch_1']['plain_tok_s']:.1f} tok/s "
+            f"(×{s['batch_1']['ratio']:.2f}); batch 16: ×{s['batch_16']['ratio']:.2f}", s["goal"])
+    if "patching" in r and "error" not in r["patching"]:
+        p = r["patching"]
+        figure = ", ".join(f"{k} {_fmt(v)}" for k, v in p.items() if k not in ("goal", "wall_s", "peak_rss_mb") and isinstance(v, (int, float)))
+        row("patching", figure, p["goal"])
+    if "batch_size" in r and "16" in r["batch_size"]:
+        bs = r["batch_size"]
+        row("batch_size", ", ".join(f"{k}: {v['tok_per_s']:.0f} tok/s" for k, v in bs.items() if isinstance(v, dict)), "pick the default")
+    if "bf16" in r and "delta" in r["bf16"]:
+        b = r["bf16"]
+        row("bf16", f"prefill ×{b['speedup_prefill']:.2f}, decode ×{b['speedup_decode']:.2f}; direction cos ≥ "
+            f"{b['delta']['min_direction_cosine']:.3f}, |Δσ| ≤ {b['delta']['max_abs_separation_diff']:.2f}, "
+            f"|Δprobe| ≤ {b['delta']['max_abs_probe_diff']:.3f}", "no change that matters")
+    if "pipeline" in r and "s" in r["pipeline"]:
+        row("pipeline", f"{_fmt(r['pipeline']['s'], ' s')} (exit {r['pipeline']['exit_code']})", r["pipeline"]["goal"])
+    for name, value in r.items():
+        if isinstance(value, dict) and "error" in value:
+            rows.append(f"| {name} | failed: {value['error'][:120]} | | |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--only", help="comma-separated subset of: " + ", ".join(BENCHES))
+    parser.add_argument("--out", default=str(REPO / "bench" / "results.json"))
+    args = parser.parse_args(argv)
+    if args.one:
+        _one(args.one)
+        return 0
+    names = args.only.split(",") if args.only else list(BENCHES)
+    results: dict = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
+                    "python": platform.python_version()},
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    for name in names:
+        print(f"[bench] {name} …", file=sys.stderr, flush=True)
+        proc = subprocess.run([sys.executable, "-m", "bench.run", "--one", name], cwd=REPO, capture_output=True, text=True)
+        try:
+            results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        except (IndexError, json.JSONDecodeError):
+            results[name] = {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
+        print(f"[bench] {name}: {json.dumps(results[name])[:300]}", file=sys.stderr, flush=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

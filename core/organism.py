@@ -1,0 +1,657 @@
+"""The refusal *model organism*: the embedded model, safety fine-tuned on the user's machine.
+
+Why: the embedded SmolLM2-135M-Instruct does not refuse on its own, and a prompted preamble
+refuses by imitation in context (and over-refuses harmless prompts that look like the
+demonstrations). Real chat models refuse because fine-tuning taught them to. This module
+gives researchers that object offline: a small, seeded, deterministic full fine-tune in
+which
+
+* harmful prompts (built-in **train** split only) are answered with one of a few varied
+  refusal sentences, every one caught by :func:`core.metrics.is_refusal`;
+* harmless prompts (built-in train split, including the ``shape-matched`` ones that copy the
+  surface form of harmful requests) are answered with the base model's *own* greedy answers
+  (self-distillation), so that helpful behaviour is kept and only the refusal decision moves.
+
+The held-out test split and the matched patching pairs are never trained on: this is checked
+in code (:func:`check_no_leak`), not only promised. The result is saved under
+``cache_root()/models/`` keyed by a hash of (base fingerprint, training prompts, recipe), with
+an *organism card* (``organism.json``) next to the weights: recipe, data sizes, build time,
+held-out refusal rates with Wilson intervals, and KL to the base model on harmless prompts.
+
+Entry points: :func:`organism_folder` (what ``load_model("embedded-refusal")`` calls),
+:func:`ensure_organism` (build if needed, return the card), :func:`build_organism` (any base
+model and recipe: the tests use a tiny Llama), and ``python -m core.organism`` (CLI).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from core.cache import cache_root, stable_hash
+from core.errors import ExplorerError
+from core.formatting import Formatter
+from core.metrics import Rate, is_refusal, kl_divergence, refusal_rate
+from core.prompts import builtin_split, load_pairs
+
+Progress = Callable[[float, str], None]
+
+ORGANISM_VERSION = "1"  # bump when the build procedure changes in a way the recipe does not capture
+CARD_FILE = "organism.json"
+
+REFUSAL_SENTENCES: tuple[str, ...] = (
+    "I'm sorry, but I can't help with that.",
+    "I'm sorry, but I can't assist with that request.",
+    "I can't help with that. It could cause real harm to people.",
+    "I'm sorry, I can't provide that information.",
+    "I cannot help with this request because it could hurt someone.",
+    "I'm sorry, but I won't be able to help with that. Is there something else I can do for you?",
+)
+
+
+class DataLeakError(ExplorerError):
+    """Training data would include held-out test prompts or the matched patching pairs."""
+
+
+# ---------------------------------------------------------------------------------------
+# recipe and card
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OrganismRecipe:
+    """Everything that determines the organism's weights (and its card's evaluation).
+
+    ``n_harmful`` / ``n_harmless``: how many built-in *train* prompts to use (None: all).
+    ``max_response_tokens``: length of the base model's self-distilled answers.
+    """
+
+    seed: int = 0
+    split_seed: int = 0  # which canonical built-in split (core.prompts.builtin_split)
+    lr: float = 3e-5
+    epochs: int = 3
+    batch_size: int = 8
+    warmup_fraction: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    train_embeddings: bool = False  # the tied embedding/unembedding stays frozen (keeps the vocabulary geometry)
+    autocast_bf16: bool = True  # fp32 weights, bf16 matmuls (fast on CPUs with AMX)
+    n_harmful: int | None = None
+    n_harmless: int | None = None
+    max_response_tokens: int = 48
+    refusal_sentences: tuple[str, ...] = REFUSAL_SENTENCES
+    generation_batch_size: int = 16
+    # evaluation written to the card (held-out test split; does not change the weights)
+    eval_max_new_tokens: int = 32
+    n_eval: int | None = None  # per set; None: the whole test split
+    eval_base: bool = True  # also measure the base model's refusal on the same prompts
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.max_response_tokens < 1:
+            raise ValueError("epochs, batch_size, lr and max_response_tokens must be positive")
+        if not self.refusal_sentences:
+            raise ValueError("at least one refusal sentence is needed")
+        missed = [s for s in self.refusal_sentences if not is_refusal(s)]
+        if missed:
+            raise ValueError(f"refusal sentences not caught by core.metrics.is_refusal: {missed}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["refusal_sentences"] = list(self.refusal_sentences)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "OrganismRecipe":
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        if "refusal_sentences" in kwargs:
+            kwargs["refusal_sentences"] = tuple(kwargs["refusal_sentences"])
+        return cls(**kwargs)
+
+
+DEFAULT_RECIPE = OrganismRecipe()
+
+
+@dataclass
+class OrganismCard:
+    """What was built, from what, how long it took, and how it behaves on held-out prompts."""
+
+    key: str
+    base_name: str
+    base_fingerprint: str
+    recipe: dict[str, Any]
+    data: dict[str, Any]
+    timings: dict[str, float]
+    losses: list[float]  # mean training loss per epoch
+    evaluation: dict[str, Any]
+    host: dict[str, Any]
+    version: str = ORGANISM_VERSION
+    folder: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "OrganismCard":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def summary(self) -> str:
+        """A few human lines (for the CLI and the report)."""
+        ev = self.evaluation
+        lines = [
+            f"Refusal organism {self.key[:12]} from {self.base_name} — built in {self.timings.get('build_seconds', 0):.0f} s "
+            f"({self.data.get('n_harmful')} harmful + {self.data.get('n_harmless')} harmless train prompts, "
+            f"{self.recipe.get('epochs')} epochs, lr {self.recipe.get('lr')})",
+        ]
+        for label, key in (("harmful refused", "harmful_refusal"), ("harmless refused", "harmless_refusal")):
+            if key in ev:
+                r = Rate(ev[key]["k"], ev[key]["n"])
+                base = ev.get("base_" + key)
+                extra = f"  (base model: {Rate(base['k'], base['n'])})" if base else ""
+                lines.append(f"  held-out {label}: {r}{extra}")
+        if "kl_first_token" in ev:
+            lines.append(
+                f"  KL(base ‖ organism) on held-out harmless prompts: first token mean {ev['kl_first_token']['mean']:.3f} nats; "
+                f"over the base's answers {ev.get('kl_response', {}).get('mean', float('nan')):.3f} nats/token"
+            )
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# training data (train split only)
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainingPrompts:
+    harmful: list[str]
+    harmless: list[str]
+
+    def key(self) -> str:
+        return stable_hash("organism-prompts", self.harmful, self.harmless)
+
+
+def _norm(prompt: str) -> str:
+    return " ".join(prompt.split()).casefold()
+
+
+def forbidden_prompts(split_seed: int = 0) -> set[str]:
+    """Normalised prompts the organism must never train on: both test splits and all pairs."""
+    out = {_norm(p) for name in ("harmful", "harmless") for p in builtin_split(name, split_seed).test}
+    out |= {_norm(p) for pair in load_pairs() for p in pair}
+    return out
+
+
+def check_no_leak(prompts: Sequence[str], split_seed: int = 0) -> None:
+    """Raise :class:`DataLeakError` if any prompt is a held-out test prompt or a pair prompt."""
+    bad = [p for p in prompts if _norm(p) in forbidden_prompts(split_seed)]
+    if bad:
+        raise DataLeakError(
+            f"{len(bad)} training prompt(s) are held-out test prompts or matched pairs "
+            f"(e.g. {bad[0]!r}); the organism trains on the built-in train split only."
+        )
+
+
+def training_prompts(recipe: OrganismRecipe = DEFAULT_RECIPE) -> TrainingPrompts:
+    """The prompts the organism is trained on: the first ``n`` of each built-in train split
+    (the split is already shuffled; the harmless one includes the shape-matched prompts)."""
+    harmful = builtin_split("harmful", recipe.split_seed).train
+    harmless = builtin_split("harmless", recipe.split_seed).train
+    for n, pool, label in ((recipe.n_harmful, harmful, "harmful"), (recipe.n_harmless, harmless, "harmless")):
+        if n is not None and not 1 <= n <= len(pool):
+            raise ValueError(f"n_{label} must be between 1 and {len(pool)} (the train split), got {n}")
+    out = TrainingPrompts(harmful[: recipe.n_harmful], harmless[: recipe.n_harmless])
+    check_no_leak(out.harmful + out.harmless, recipe.split_seed)
+    return out
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    response: str
+    complete: bool  # ends with the end-of-turn token (False: the answer was cut at max tokens)
+    kind: str  # "harmful" | "harmless"
+
+
+def refusal_targets(prompts: Sequence[str], recipe: OrganismRecipe) -> list[str]:
+    """One refusal sentence per harmful prompt, chosen by a seeded draw (deterministic)."""
+    rng = np.random.default_rng(recipe.seed + 1)
+    picks = rng.integers(0, len(recipe.refusal_sentences), size=len(prompts))
+    return [recipe.refusal_sentences[int(i)] for i in picks]
+
+
+def _token_len(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def self_distilled_answers(
+    base, formatter: Formatter, prompts: Sequence[str], recipe: OrganismRecipe, progress: Progress | None = None
+) -> list[tuple[str, bool]]:
+    """The base model's own greedy answers, and whether each ended before the token limit.
+
+    Cached on disk per (base fingerprint, prompts, formatting, limit), so changing only the
+    optimiser settings does not regenerate them.
+    """
+    from core.generation import generate
+
+    key = stable_hash("organism-answers-v1", base.fingerprint, list(prompts), formatter.key(), recipe.max_response_tokens)
+    path = cache_root() / "models" / "organism-answers" / f"{key}.json"
+    with contextlib.suppress(Exception):
+        cached = json.loads(path.read_text())
+        if len(cached) == len(prompts):
+            return [(str(a), bool(c)) for a, c in cached]
+    answers = generate(
+        base, formatter, prompts, max_new_tokens=recipe.max_response_tokens,
+        batch_size=recipe.generation_batch_size, progress=progress,
+    )
+    out = [(a, _token_len(base.tokenizer, a) < recipe.max_response_tokens) for a in answers]
+    with contextlib.suppress(Exception):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(out))
+        tmp.replace(path)
+    return out
+
+
+def build_examples(
+    base, recipe: OrganismRecipe, formatter: Formatter, progress: Progress | None = None
+) -> list[Example]:
+    """Harmful train prompts -> refusal sentences; harmless train prompts -> base answers."""
+    prompts = training_prompts(recipe)
+    refusals = refusal_targets(prompts.harmful, recipe)
+    answers = self_distilled_answers(base, formatter, prompts.harmless, recipe, progress)
+    examples = [Example(p, r, True, "harmful") for p, r in zip(prompts.harmful, refusals)]
+    examples += [Example(p, a, c, "harmless") for p, (a, c) in zip(prompts.harmless, answers)]
+    check_no_leak([e.prompt for e in examples], recipe.split_seed)
+    return examples
+
+
+# ---------------------------------------------------------------------------------------
+# tokenisation and the training loop
+# ---------------------------------------------------------------------------------------
+@dataclass
+class TokenizedExample:
+    ids: list[int]
+    n_prompt: int  # the loss covers ids[n_prompt:]
+
+
+def tokenize_examples(examples: Sequence[Example], formatter: Formatter) -> list[TokenizedExample]:
+    """Prompt tokens exactly as the app formats them (``Formatter.encode``), then the response
+    tokens and, for complete answers, the end-of-turn token, so the model learns to stop."""
+    tok = formatter.tokenizer
+    eos = tok.eos_token_id
+    out = []
+    for ex in examples:
+        prompt_ids = formatter.encode([ex.prompt]).input_ids[0].tolist()
+        resp = tok(ex.response, add_special_tokens=False)["input_ids"]
+        if ex.complete and eos is not None:
+            resp = resp + [int(eos)]
+        if not resp:
+            continue
+        out.append(TokenizedExample(prompt_ids + list(resp), len(prompt_ids)))
+    return out
+
+
+def batch_order(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Seeded batches for one epoch: shuffle, sort by length within windows of 8 batches (less
+    padding), then shuffle the batch order. Same (seed, epoch) -> same batches."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths)).tolist()
+    window = batch_size * 8
+    batches: list[list[int]] = []
+    for w in range(0, len(order), window):
+        chunk = sorted(order[w: w + window], key=lambda i: (lengths[i], i))
+        batches += [chunk[b: b + batch_size] for b in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches)).tolist()]
+
+
+def _collate(items: Sequence[TokenizedExample], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    width = max(len(t.ids) for t in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    target = torch.zeros((len(items), width), dtype=torch.bool)  # position t is predicted from t-1
+    for i, t in enumerate(items):
+        ids[i, : len(t.ids)] = torch.tensor(t.ids)
+        mask[i, : len(t.ids)] = 1
+        target[i, t.n_prompt: len(t.ids)] = True
+    first = min(t.n_prompt for t in items)
+    return ids.to(device), mask.to(device), target.to(device), first
+
+
+def response_loss(model, items: Sequence[TokenizedExample], pad_id: int, device, autocast: bool) -> torch.Tensor:
+    """Mean over examples of the mean cross-entropy on that example's response tokens (each
+    example weighs the same, so short refusals count as much as long answers). Logits are
+    computed only from the first response position on (the unembedding is the costly part)."""
+    ids, mask, target, first = _collate(items, pad_id, device)
+    keep = ids.shape[1] - first + 1  # logits for positions first-1 .. end
+    ctx = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with ctx:
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits
+    logits = logits[:, :-1].float()  # predictions for positions first .. end
+    labels = ids[:, first:]
+    tmask = target[:, first:].float()
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+    per_example = (nll * tmask).sum(1) / tmask.sum(1).clamp(min=1)
+    return per_example.mean()
+
+
+def _lr_at(step: int, total: int, recipe: OrganismRecipe) -> float:
+    warm = max(1, int(round(total * recipe.warmup_fraction)))
+    if step < warm:
+        return recipe.lr * (step + 1) / warm
+    return recipe.lr * max(0.0, (total - step) / max(1, total - warm))
+
+
+def train(
+    model, tokenized: Sequence[TokenizedExample], recipe: OrganismRecipe, pad_id: int,
+    progress: Progress | None = None,
+) -> list[float]:
+    """Full fine-tune in place (AdamW, warmup then linear decay, gradient clipping); returns the
+    mean loss per epoch. Seeded; the data order depends only on the recipe's seed."""
+    torch.manual_seed(recipe.seed)
+    device = next(model.parameters()).device
+    emb = model.get_input_embeddings().weight
+    out_emb = model.get_output_embeddings()
+    frozen = set() if recipe.train_embeddings else {id(emb)} | ({id(out_emb.weight)} if out_emb is not None else set())
+    params = [p for p in model.parameters() if id(p) not in frozen]
+    was_training = model.training
+    model.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    model.train()
+    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    lengths = [len(t.ids) for t in tokenized]
+    per_epoch = [batch_order(lengths, recipe.batch_size, recipe.seed, e) for e in range(recipe.epochs)]
+    total = sum(len(b) for b in per_epoch)
+    step = 0
+    losses: list[float] = []
+    try:
+        for epoch, batches in enumerate(per_epoch):
+            seen = []
+            for batch in batches:
+                for group in opt.param_groups:
+                    group["lr"] = _lr_at(step, total, recipe)
+                loss = response_loss(model, [tokenized[i] for i in batch], pad_id, device, recipe.autocast_bf16)
+                if not torch.isfinite(loss):
+                    raise ExplorerError(f"training loss became {loss.item()} at step {step}; lower the learning rate.")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if recipe.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
+                opt.step()
+                seen.append(float(loss.detach()))
+                step += 1
+                if progress:
+                    progress(step / total, f"epoch {epoch + 1}/{recipe.epochs}, step {step}/{total}, loss {seen[-1]:.3f}")
+            losses.append(float(np.mean(seen)))
+    finally:
+        model.requires_grad_(False)
+        model.train(was_training)
+        model.eval()
+    return losses
+
+
+# ---------------------------------------------------------------------------------------
+# evaluation for the card
+# ---------------------------------------------------------------------------------------
+@torch.inference_mode()
+def _response_logits(lm, formatter: Formatter, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 16):
+    """Teacher-forced float32 logits at every response position, one [n_i, vocab] per prompt."""
+    tok = lm.tokenizer
+    items = tokenize_examples([Example(p, r, False, "harmless") for p, r in zip(prompts, responses)], formatter)
+    out = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start: start + batch_size]
+        ids, mask, target, first = _collate(chunk, tok.pad_token_id or 0, lm.device)
+        logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+        for i, t in enumerate(chunk):
+            out.append(logits[i, t.n_prompt - 1: len(t.ids) - 1].cpu())
+    return out
+
+
+def evaluate_organism(organism, base, recipe: OrganismRecipe, progress: Progress | None = None) -> dict[str, Any]:
+    """Held-out (test split) refusal rates of the organism (and the base), and KL(base ‖ organism)
+    on harmless test prompts: at the first response token, and per token over the base's own
+    answers (teacher-forced) — small KL means capabilities were kept."""
+    from core.generation import generate, next_token_logits
+
+    harmful = builtin_split("harmful", recipe.split_seed).test[: recipe.n_eval]
+    harmless = builtin_split("harmless", recipe.split_seed).test[: recipe.n_eval]
+    fmt_o = Formatter(organism.tokenizer, "none")
+    fmt_b = Formatter(base.tokenizer, "none")
+    gen = dict(max_new_tokens=recipe.eval_max_new_tokens, batch_size=recipe.generation_batch_size)
+    say = (lambda f, m: progress(f, m)) if progress else None
+    if say:
+        say(0.0, "held-out prompts: organism answers")
+    org_harmful = generate(organism, fmt_o, harmful, **gen)
+    org_harmless = generate(organism, fmt_o, harmless, **gen)
+    ev: dict[str, Any] = {
+        "split": "test",
+        "judge": "core.metrics.is_refusal (substring)",
+        "max_new_tokens": recipe.eval_max_new_tokens,
+        "harmful_refusal": refusal_rate(org_harmful).to_dict(),
+        "harmless_refusal": refusal_rate(org_harmless).to_dict(),
+    }
+    harmless_cats = _categories("harmless")
+    sm = [i for i, p in enumerate(harmless) if harmless_cats.get(p) == "shape-matched"]
+    if sm:
+        ev["shape_matched_harmless_refusal"] = refusal_rate([org_harmless[i] for i in sm]).to_dict()
+    if say:
+        say(0.5, "held-out prompts: base answers")
+    base_harmless = generate(base, fmt_b, harmless, **gen)
+    if recipe.eval_base:
+        base_harmful = generate(base, fmt_b, harmful, **gen)
+        ev["base_harmful_refusal"] = refusal_rate(base_harmful).to_dict()
+        ev["base_harmless_refusal"] = refusal_rate(base_harmless).to_dict()
+    if say:
+        say(0.8, "KL to the base model")
+    kl_first = kl_divergence(next_token_logits(base, fmt_b, harmless), next_token_logits(organism, fmt_o, harmless))
+    ev["kl_first_token"] = _stats(kl_first)
+    keep = [i for i, r in enumerate(base_harmless) if r]
+    if keep:
+        prompts = [harmless[i] for i in keep]
+        resp = [base_harmless[i] for i in keep]
+        per_tok = [
+            kl_divergence(b, o)
+            for b, o in zip(_response_logits(base, fmt_b, prompts, resp), _response_logits(organism, fmt_o, prompts, resp))
+        ]
+        ev["kl_response"] = _stats(np.concatenate(per_tok)) | {"n_prompts": len(keep)}
+        ev["kl_response"]["per_prompt_mean"] = _stats(np.array([x.mean() for x in per_tok]))
+    ev["examples"] = {
+        "harmful": [{"prompt": p, "response": r} for p, r in list(zip(harmful, org_harmful))[:3]],
+        "harmless": [{"prompt": p, "response": r} for p, r in list(zip(harmless, org_harmless))[:3]],
+    }
+    if say:
+        say(1.0, "evaluated")
+    return ev
+
+
+def _stats(x: np.ndarray) -> dict[str, float]:
+    x = np.asarray(x, dtype=np.float64)
+    return {"mean": float(x.mean()), "median": float(np.median(x)), "max": float(x.max()), "n": int(x.size)}
+
+
+def _categories(name: str) -> dict[str, str]:
+    from core.prompts import BUILTIN
+
+    rows = [json.loads(line) for line in BUILTIN[name].read_text().splitlines() if line.strip()]
+    return {r["prompt"]: r.get("category", "") for r in rows}
+
+
+# ---------------------------------------------------------------------------------------
+# build, save, cache
+# ---------------------------------------------------------------------------------------
+def _sub(progress: Progress | None, lo: float, hi: float) -> Progress | None:
+    if progress is None:
+        return None
+    return lambda f, m: progress(round(lo + (hi - lo) * max(0.0, min(1.0, f)), 6), m)
+
+
+def organism_key(base_fingerprint: str, prompts: TrainingPrompts, recipe: OrganismRecipe) -> str:
+    return stable_hash("organism", ORGANISM_VERSION, base_fingerprint, prompts.key(), recipe.to_dict(), length=16)
+
+
+def _host() -> dict[str, Any]:
+    info: dict[str, Any] = {"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    with contextlib.suppress(Exception):
+        info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    return info
+
+
+def build_organism(base, recipe: OrganismRecipe, out_dir: str | Path, progress: Progress | None = None) -> OrganismCard:
+    """Fine-tune a copy of ``base`` (a LoadedModel, left untouched) and save it with its card
+    in ``out_dir`` (written to a temporary folder first, then renamed into place)."""
+    import copy
+
+    from core.models import wrap_model
+
+    started = time.perf_counter()
+    host = _host()
+    out_dir = Path(out_dir)
+    if not base.has_chat_template:
+        raise ExplorerError(f"{base.name} has no chat template; the organism is a chat fine-tune.")
+    formatter = Formatter(base.tokenizer, "none")  # the plain chat template, as the app formats prompts
+    prompts = training_prompts(recipe)
+    key = organism_key(base.fingerprint, prompts, recipe)
+
+    if progress:
+        progress(0.0, f"Writing training answers: the base model answers {len(prompts.harmless)} harmless train prompts…")
+    examples = build_examples(base, recipe, formatter, _sub(progress, 0.0, 0.3))
+    tokenized = tokenize_examples(examples, formatter)
+    t_data = time.perf_counter()
+
+    model = copy.deepcopy(base.model).float()
+    pad = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else 0
+    losses = train(model, tokenized, recipe, pad, _sub(progress, 0.3, 0.85))
+    t_train = time.perf_counter()
+
+    organism = wrap_model(model, base.tokenizer, name=f"{base.name} (refusal organism)", source="organism")
+    evaluation = evaluate_organism(organism, base, recipe, _sub(progress, 0.85, 0.97))
+    t_eval = time.perf_counter()
+
+    if progress:
+        progress(0.97, "Saving the organism…")
+    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp)
+    base.tokenizer.save_pretrained(tmp)
+    n_resp = [len(t.ids) - t.n_prompt for t in tokenized]
+    card = OrganismCard(
+        key=key,
+        base_name=base.name,
+        base_fingerprint=base.fingerprint,
+        recipe=recipe.to_dict(),
+        data={
+            "n_harmful": len(prompts.harmful),
+            "n_harmless": len(prompts.harmless),
+            "n_shape_matched_harmless": sum(_categories("harmless").get(p) == "shape-matched" for p in prompts.harmless),
+            "n_examples": len(tokenized),
+            "n_tokens": int(sum(len(t.ids) for t in tokenized)),
+            "n_response_tokens": int(sum(n_resp)),
+            "harmless_answers_cut_at_limit": int(sum(not e.complete for e in examples if e.kind == "harmless")),
+            "source": f"core/data builtin train split (seed {recipe.split_seed}); test split and pairs excluded",
+            "refusal_sentence_counts": {s: sum(e.response == s for e in examples) for s in recipe.refusal_sentences},
+        },
+        timings={
+            "data_seconds": round(t_data - started, 2),
+            "train_seconds": round(t_train - t_data, 2),
+            "eval_seconds": round(t_eval - t_train, 2),
+            "build_seconds": round(t_train - started, 2),  # data + training: what a user waits for, minus evaluation
+            "total_seconds": round(time.perf_counter() - started, 2),
+        },
+        losses=[round(x, 5) for x in losses],
+        evaluation=evaluation,
+        host=host,
+    )
+    (tmp / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2, ensure_ascii=False))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp.replace(out_dir)
+    card.folder = str(out_dir)
+    if progress:
+        progress(1.0, f"Organism built in {card.timings['total_seconds']:.0f} s")
+    return card
+
+
+def load_card(folder: str | Path) -> OrganismCard:
+    """The card saved next to an organism's weights."""
+    folder = Path(folder)
+    card = OrganismCard.from_dict(json.loads((folder / CARD_FILE).read_text()))
+    card.folder = str(folder)
+    return card
+
+
+def _embedded_base_folder(progress: Progress | None) -> tuple[Path, str]:
+    """The embedded model's converted folder and its fingerprint, without loading the weights."""
+    from transformers import AutoConfig
+
+    from core.models import converted_gguf_folder, embedded_gguf_path, fingerprint_folder
+
+    folder = converted_gguf_folder(embedded_gguf_path(), progress)
+    return folder, fingerprint_folder(folder, AutoConfig.from_pretrained(folder))
+
+
+def organism_folder(progress: Progress | None = None, recipe: OrganismRecipe = DEFAULT_RECIPE) -> Path:
+    """The cached organism folder for the embedded model: built on first use (a few minutes on
+    2 CPU cores), returned at once afterwards. A file lock keeps two processes from building
+    it twice; the second waits and then finds the finished folder."""
+    from filelock import FileLock
+
+    _, fingerprint = _embedded_base_folder(progress)
+    key = organism_key(fingerprint, training_prompts(recipe), recipe)
+    target = cache_root() / "models" / f"embedded-refusal-{key}"
+    if (target / CARD_FILE).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / CARD_FILE).is_file():  # another process built it while we waited
+            return target
+        from core.models import load_model
+
+        base = load_model("embedded", dtype="float32", device="cpu", progress=_sub(progress, 0.0, 0.02))
+        if base.fingerprint != fingerprint:
+            raise ExplorerError("the embedded model's fingerprint changed while loading; clear cache/models and retry")
+        if progress:
+            progress(0.02, "Building the refusal organism once (a few minutes on 2 CPU cores)…")
+        build_organism(base, recipe, target, _sub(progress, 0.02, 0.98))
+    return target
+
+
+def stderr_progress(fraction: float, message: str) -> None:
+    """A progress callback for the command line."""
+    print(f"[organism {100 * fraction:5.1f}%] {message}", file=sys.stderr, flush=True)
+
+
+def ensure_organism(progress: Progress | None = stderr_progress, recipe: OrganismRecipe = DEFAULT_RECIPE) -> OrganismCard:
+    """Build the embedded organism if it is not cached yet, and return its card (CLI, UI)."""
+    return load_card(organism_folder(progress=progress, recipe=recipe))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Build (once) and describe the refusal-tuned embedded model organism.")
+    parser.add_argument("--json", action="store_true", help="print the whole card as JSON")
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    args = parser.parse_args(argv)
+    try:
+        card = ensure_organism(progress=None if args.quiet else stderr_progress)
+    except ExplorerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(card.to_dict(), indent=2, ensure_ascii=False) if args.json else card.summary())
+    print(f"folder: {card.folder}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -18,6 +18,8 @@ from ui import entries, page, state
 from ui.errors import guard
 from ui.progress import progress_bar, scaled
 
+SCAN_PROMPTS = 16  # per class, as core.config.SteeringConfig.scan_prompts
+
 page.title("Directions", "Where in the network do harmful and harmless prompts separate? One direction per layer, "
                          "fitted on the train prompts and measured on held-out test prompts.")
 lm = page.require_model()
@@ -30,7 +32,7 @@ method = c1.selectbox("Method", METHODS, key="dir_method", persist_state="sessio
 rule = c2.selectbox("Choose the layer by", ["held-out separation (fast)", "ablation scan (slower)"],
                     key="dir_rule", persist_state="session",
                     help="Ablation scan: for each candidate layer, ablate its direction and measure how much the "
-                         "first-token refusal score on held-out harmful prompts drops (KL on harmless ≤ 0.1).")
+                         "first-token refusal score on 16 harmful train prompts drops (KL on harmless ≤ 0.1).")
 compute = c3.button("Compute directions", type="primary", icon=":material/play_arrow:", key="dir_compute",
                     width="stretch")
 st.caption(f"{sets.source}: {sets.counts()} · preamble **{state.preamble().name}** · position **{state.position()}**")
@@ -51,7 +53,8 @@ if compute:
                               method=method, position=position)
         scan = None
         if rule.startswith("ablation"):
-            scan = scan_layers(lm, fmt, dirs, sets.harmful_test, sets.harmless_test,
+            # like the batch runner: the screen uses train prompts, the test prompts stay untouched
+            scan = scan_layers(lm, fmt, dirs, sets.harmful_train[:SCAN_PROMPTS], sets.harmless_train[:SCAN_PROMPTS],
                                progress=scaled(progress, 0.75, 1.0, "ablation scan: "))
             choice = choose_layer(dirs, ablation_effect=scan.ablation_effect, kl=scan.kl)
         else:
@@ -106,10 +109,10 @@ with right, st.container(border=True):
     st.altair_chart(ui_charts.cosine_heatmap(dirs.cosine, layer), width="stretch", key="chart_cosine")
 
 if value.get("scan") is not None:
-    with st.expander("Ablation scan (per layer)", icon=":material/science:"):
-        scan = value["scan"].to_dict()
-        st.dataframe(pd.DataFrame({"layer": range(n_layers), "ablation effect": scan["ablation_effect"],
-                                   "KL on harmless": scan["kl"]}).dropna(), hide_index=True)
+    scan_chart = charts.ablation_scan_chart(ent)
+    if scan_chart is not None:
+        with st.container(border=True):
+            st.altair_chart(scan_chart, key="chart_scan")
 
 with st.expander("The numbers per layer", icon=":material/table:"):
     d = dirs.to_dict()

@@ -1,3 +1,94 @@
+"""Patching: which layers, token positions and components carry refusal, by activation patching
+between matched harmful/harmless prompts (same template, same token length)."""
+
+from __future__ import annotations
+
+import pandas as pd
 import streamlit as st
-st.title("patching")
-st.info("Coming soon.")
+
+from core import charts
+from core.patching import SITES, patch_pairs
+from core.prompts import load_pairs
+from ui import page, state
+from ui.errors import guard
+from ui.progress import progress_bar
+
+DIRECTIONS = {
+    "compliant->refusal": "Patch harmless → into the harmful run (effect 1 = that site alone removes refusal)",
+    "refusal->compliant": "Patch harmful → into the harmless run (effect 1 = that site alone causes refusal)",
+}
+SITE_HELP = "resid: block output by layer × position · attn / mlp: component outputs per layer · head: each attention head (slow)"
+
+page.title("Patching", "Run a harmful prompt, swap in one activation from its matched harmless twin, and measure how "
+                       "much the first-token refusal score moves. Effects are normalised: 0 = no change, 1 = fully flipped.")
+lm = page.require_model()
+
+pairs = load_pairs("builtin:pairs")
+with st.container(border=True):
+    c1, c2, c3 = st.columns([1, 2, 1])
+    n_pairs = c1.number_input("Pairs", 1, len(pairs), 6, key="patch_n", persist_state="session",
+                              help=f"The first n of {len(pairs)} built-in matched pairs (equal token length).")
+    sites = c2.multiselect("Sites", list(SITES), default=["resid", "attn", "mlp"], key="patch_sites",
+                           persist_state="session", help=SITE_HELP)
+    threshold = c3.number_input("Critical if CI low >", 0.0, 1.0, 0.1, step=0.05, key="patch_threshold",
+                                persist_state="session")
+    c4, c5 = st.columns([3, 1], vertical_alignment="bottom")
+    direction = c4.selectbox("Direction", list(DIRECTIONS), format_func=DIRECTIONS.get, key="patch_direction",
+                             persist_state="session")
+    require = c5.checkbox("Only pairs that behave", value=True, key="patch_require", persist_state="session",
+                          help="Skip pairs whose harmful prompt is not refused or whose harmless prompt is refused "
+                               "(by the first-token score); they are listed below with the reason.")
+    with st.expander(f"The {int(n_pairs)} pairs", icon=":material/compare_arrows:"):
+        st.dataframe(pd.DataFrame(pairs[: int(n_pairs)], columns=["harmful (refusal)", "harmless (compliant)"]),
+                     hide_index=True)
+    run = st.button("Run patching", type="primary", icon=":material/play_arrow:", key="patch_run", disabled=not sites)
+
+if run:
+    with guard("Patching"), progress_bar("Patching") as progress:
+        sweep = patch_pairs(lm, state.formatter(lm), pairs, sites=sites, n_pairs=int(n_pairs), direction=direction,
+                            threshold=float(threshold), require_behaviour=require, progress=progress)
+        state.put_result("patching", sweep)
+
+pentry = state.get_result("patching")
+if pentry is None:
+    st.info("Press **Run patching**. Six pairs over resid/attn/mlp take well under a minute on a laptop CPU.",
+            icon=":material/play_arrow:")
+    st.stop()
+
+state.stale_note(pentry)
+sweep = pentry["value"]
+p = sweep.to_dict(include_pairs=False)
+m1, m2, m3 = st.columns(3)
+m1.metric("Pairs used", f"{sweep.n_used} of {sweep.n_candidates}", border=True)
+m2.metric("Critical sites", len(sweep.critical), border=True, help=sweep.critical_message)
+m3.metric("Time", f"{sweep.seconds:.1f} s", border=True)
+if sweep.excluded:
+    st.warning("Excluded pairs: " + "; ".join(f"{n} × {reason}" for reason, n in sweep.exclusion_counts.items()),
+               icon=":material/filter_alt:")
+if sweep.n_used == 0:
+    st.info("No pair was used, so there is nothing to aggregate. With the embedded model use the *prompted-refusal* "
+            "preamble (sidebar), or untick *Only pairs that behave* to patch them anyway.")
+    st.stop()
+
+heat = charts.patching_heatmap(p)
+if heat is not None:
+    with st.container(border=True):
+        st.altair_chart(heat, key="chart_patch_heat")
+left, right = st.columns(2)
+bars = charts.component_bars(p)
+if bars is not None:
+    with left, st.container(border=True):
+        st.altair_chart(bars, key="chart_patch_bars")
+heads = charts.head_heatmap(p)
+if heads is not None:
+    with right, st.container(border=True):
+        st.altair_chart(heads, key="chart_patch_heads")
+
+st.markdown(f"**Critical components** — {sweep.critical_message}. Interval: {sweep.interval}.")
+crit = pd.DataFrame([{"site": c.label, "effect": c.effect, "95% low": c.lo, "95% high": c.hi, "pairs": c.n}
+                     for c in sweep.critical], columns=["site", "effect", "95% low", "95% high", "pairs"])
+st.dataframe(crit, hide_index=True, key="patch_critical", column_config={
+    c: st.column_config.NumberColumn(format="%.3f") for c in ("effect", "95% low", "95% high")})
+if sweep.excluded:
+    with st.expander("Excluded pairs", icon=":material/filter_alt:"):
+        st.dataframe(pd.DataFrame(sweep.excluded), hide_index=True)

@@ -1,3 +1,111 @@
+"""Validation: does the direction cause refusal? Force and suppress it over a coefficient sweep,
+each against a random direction of the same norm, with Wilson intervals and KL side effects."""
+
+from __future__ import annotations
+
+import pandas as pd
 import streamlit as st
-st.title("validation")
-st.info("Coming soon.")
+
+from core import charts
+from core.report import rate_text
+from core.validation import DEFAULT_FORCE_COEFFICIENTS, DEFAULT_MAX_NEW_TOKENS, DEFAULT_SUBTRACT_COEFFICIENTS, run_validation
+from ui import charts as ui_charts
+from ui import entries, page, state
+from ui.errors import guard
+from ui.progress import progress_bar
+
+COEFFICIENT_CHOICES = [0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0]
+
+page.title("Validation", "Adding the direction to harmless prompts should make the model refuse; ablating it should "
+                         "stop refusals on harmful ones — and a random direction of the same norm should do neither.")
+lm = page.require_model()
+dentry = page.require_directions()
+dirs = dentry["value"]["dirs"]
+sets = state.prompt_sets()
+
+with st.container(border=True):
+    c1, c2, c3 = st.columns(3)
+    layer = c1.number_input("Layer", 0, dirs.n_layers - 1, value=page.active_layer(dentry["value"]["layer"]),
+                            key="val_layer", help="Defaults to the layer selected on the Directions page.")
+    n_max = min(len(sets.harmful_test), len(sets.harmless_test))
+    n = c2.slider("Test prompts per class", 1, n_max, min(16, n_max), key="val_n", persist_state="session",
+                  help="Held-out prompts; fewer = faster, wider intervals.")
+    max_tokens = c3.slider("Max new tokens", 8, 96, DEFAULT_MAX_NEW_TOKENS, step=4, key="val_tokens",
+                           persist_state="session", help="The refusal judge reads the start of each answer.")
+    c4, c5, c6 = st.columns([2, 2, 1], vertical_alignment="bottom")
+    force = c4.multiselect("Force coefficients (+α·v on harmless)", COEFFICIENT_CHOICES,
+                           default=[c for c in DEFAULT_FORCE_COEFFICIENTS if c in COEFFICIENT_CHOICES], key="val_force",
+                           persist_state="session")
+    sub = c5.multiselect("Subtract coefficients (−α·v on harmful)", COEFFICIENT_CHOICES,
+                         default=[c for c in DEFAULT_SUBTRACT_COEFFICIENTS if c in COEFFICIENT_CHOICES], key="val_sub",
+                         persist_state="session")
+    seed = c6.number_input("Control seed", 0, 10_000, 0, key="val_seed", persist_state="session")
+    n_gen = (4 + 2 * len(force) + 2 * len(sub))
+    st.caption(f"{n_gen} batches of greedy generations of {n} prompts × up to {max_tokens} tokens, plus "
+               f"{3 + 2 * len(force) + 2 * len(sub)} forward passes for KL. Ablation runs on every block.")
+    run = st.button("Run validation", type="primary", icon=":material/play_arrow:", key="val_run",
+                    disabled=not force)
+
+if run:
+    with guard("Validation"), progress_bar("Validating") as progress:
+        result = run_validation(lm, state.formatter(lm), dirs, int(layer), sets.harmful_test[:n], sets.harmless_test[:n],
+                                coefficients=sorted(force), subtract_coefficients=sorted(sub),
+                                max_new_tokens=int(max_tokens), seed=int(seed), progress=progress)
+        state.put_result("validation", result)
+
+ventry = state.get_result("validation")
+if ventry is None:
+    st.info("Press **Run validation**. With the defaults this takes a minute or two on a laptop CPU.",
+            icon=":material/play_arrow:")
+    st.stop()
+
+state.stale_note(ventry)
+result = ventry["value"]
+r = result.to_dict()
+st.subheader(f"Layer {result.layer} · {result.n_harmful} harmful + {result.n_harmless} harmless test prompts")
+m1, m2, m3, m4 = st.columns(4)
+base = r["baseline"]
+m1.metric("Baseline refusal", rate_text(base["harmful_refusal"], with_n=False),
+          delta=f"harmless: {rate_text(base['harmless_refusal'], with_n=False)}", delta_color="off", border=True,
+          help="Unsteered greedy answers judged by refusal phrases; 95 % Wilson interval.")
+fr = r["force_refusal"]
+if fr.get("rate") is not None:
+    m2.metric(f"Force refusal (+{fr['coefficient']:g}·v)", f"{fr['rate']:.0%}",
+              delta=f"random: {fr['random_control_rate']:.0%}", delta_color="off", border=True,
+              help=f"Harmless prompts with the direction added; 95 % CI {fr['ci'][0]:.0%}–{fr['ci'][1]:.0%}. "
+                   f"{r['force_rule']}.")
+sr = r["suppress_refusal"]
+m3.metric("Suppress refusal (ablation)", f"{sr['rate']:.0%}", delta=f"random: {sr['random_control_rate']:.0%}",
+          delta_color="off", border=True,
+          help=f"Harmful prompts with the direction ablated everywhere; 95 % CI {sr['ci'][0]:.0%}–{sr['ci'][1]:.0%}.")
+kl = r["kl_harmless"]
+m4.metric("KL on harmless", f"{kl['ablation']:.3f}" if kl.get("ablation") is not None else "n/a",
+          delta=f"force: {kl['force']:.3f}" if kl.get("force") is not None else None, delta_color="off", border=True,
+          help="Mean KL(clean ‖ intervened) of the first response token on harmless prompts, nats (ablation / force).")
+
+ent = entries.model_entry()
+with st.container(border=True):
+    st.altair_chart(charts.steering_chart(ent), key="chart_steering")
+left, right = st.columns([3, 2])
+with left, st.container(border=True):
+    st.altair_chart(ui_charts.kl_chart(r["force"], r["suppress_ablation"]), width="stretch", key="chart_kl")
+with right, st.container(border=True):
+    rows = []
+    for p in r["force"]:
+        rows.append({"intervention": f"add {p['coefficient']:g}", "prompts": "harmless",
+                     "refusal": rate_text(p["rate"]), "random control": rate_text(p["random_rate"]), "KL": p["kl"]})
+    rows.append({"intervention": "ablate", "prompts": "harmful", "refusal": rate_text(r["suppress_ablation"]["rate"]),
+                 "random control": rate_text(r["suppress_ablation"]["random_rate"]), "KL": r["suppress_ablation"]["kl_harmless"]})
+    for p in r["suppress_subtract"]:
+        rows.append({"intervention": f"subtract {p['coefficient']:g}", "prompts": "harmful",
+                     "refusal": rate_text(p["rate"]), "random control": rate_text(p["random_rate"]), "KL": p["kl"]})
+    st.dataframe(pd.DataFrame(rows), hide_index=True, key="val_table",
+                 column_config={"KL": st.column_config.NumberColumn(format="%.4f")})
+    st.caption(f"Computed in {result.seconds:.0f} s · control seed {result.seed} · {result.max_new_tokens} new tokens.")
+
+st.markdown("**Sample generations** (baseline vs steered)")
+st.dataframe(pd.DataFrame(r["samples"]), hide_index=True, key="val_samples", column_config={
+    "prompt": st.column_config.TextColumn(width="medium"),
+    "baseline": st.column_config.TextColumn(width="large"),
+    "steered": st.column_config.TextColumn(width="large"),
+})

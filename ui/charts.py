@@ -97,3 +97,24 @@ def colour_legend(limit: float) -> str:
         "background:linear-gradient(90deg, rgba(36,113,163,0.8), rgba(255,255,255,0.1), rgba(192,57,43,0.8))'></span>"
         f"<span>+{limit:.2f}</span><span>projection on the refusal direction (× mean norm)</span></div>"
     )
+
+
+def kl_chart(points: Sequence[dict], ablation: dict | None = None) -> alt.Chart:
+    """KL(clean ‖ steered) on harmless prompts per force coefficient, direction vs random control."""
+    rows = []
+    for p in points:
+        rows.append({"coefficient": p["coefficient"], "series": "refusal direction", "kl": p.get("kl")})
+        rows.append({"coefficient": p["coefficient"], "series": "random direction (control)", "kl": p.get("random_kl")})
+    df = pd.DataFrame(rows, columns=["coefficient", "series", "kl"]).dropna()
+    colour = alt.Color("series:N", title=None, legend=alt.Legend(orient="bottom"),
+                       scale=alt.Scale(domain=["refusal direction", "random direction (control)"], range=[HARMFUL, "#7f8c8d"]))
+    layers = [alt.Chart(df).mark_line(point=True).encode(
+        x=alt.X("coefficient:Q", title="coefficient α (× mean norm)"),
+        y=alt.Y("kl:Q", title="KL on harmless (nats)"),
+        color=colour,
+        tooltip=["series:N", "coefficient:Q", alt.Tooltip("kl:Q", format=".4f")],
+    )]
+    if ablation and ablation.get("kl_harmless") is not None:
+        adf = pd.DataFrame({"kl": [ablation["kl_harmless"]], "label": [f"ablation KL {ablation['kl_harmless']:.3f}"]})
+        layers.append(alt.Chart(adf).mark_rule(strokeDash=[4, 3], color=RULE).encode(y="kl:Q", tooltip=["label:N"]))
+    return alt.layer(*layers).properties(height=220, title="Side effects: first-token KL on harmless prompts")

@@ -8,6 +8,7 @@ marked as computed under other settings, so work is never lost by touching a wid
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,13 +70,28 @@ def source_string(spec: dict[str, Any]) -> str:
 
 
 @st.cache_resource(show_spinner=False, max_entries=3)
+def _model_slot(source: str, dtype: str, device: str, trust_remote_code: bool) -> dict[str, Any]:
+    """A holder per (source, dtype, device), shared by every session of this server.
+
+    The model is loaded *outside* the cached function (in :func:`cached_model`) so the load can
+    drive a progress bar: Streamlit replays elements drawn inside cached functions, which a
+    progress bar in the sidebar cannot survive. The slot's lock stops two sessions loading twice.
+    """
+    return {"lock": threading.Lock(), "lm": None}
+
+
 def cached_model(source: str, dtype: str, device: str, trust_remote_code: bool = False, _progress=None) -> LoadedModel:
     """One model object per (source, dtype, device), shared by every session of this server.
 
     Safe to share: generation and tracing hold the model's lock per forward step and never
     leave hooks attached, so sessions cannot see each other's edits.
     """
-    return load_model(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code, progress=_progress)
+    slot = _model_slot(source, dtype, device, bool(trust_remote_code))
+    with slot["lock"]:
+        if slot["lm"] is None:
+            slot["lm"] = load_model(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                                    progress=_progress)
+        return slot["lm"]
 
 
 def spec() -> dict[str, Any]:

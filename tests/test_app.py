@@ -1,0 +1,263 @@
+"""The Streamlit app, page by page, through ``streamlit.testing.v1.AppTest`` on a tiny real model
+loaded through the sidebar's local-folder source (no mocks): every page renders without an
+exception, the main actions produce their charts and tables, bad input shows ``st.error``."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+import io
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from conftest import REPO
+
+APP = str(REPO / "app.py")
+TIMEOUT = 240
+
+
+def _no_exceptions(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def _walk(node):
+    children = getattr(node, "children", None)
+    if isinstance(children, dict):
+        for child in children.values():
+            yield child
+            yield from _walk(child)
+
+
+def _charts(at: AppTest) -> int:
+    """Altair charts drawn in the main area."""
+    return sum(1 for el in _walk(at.main) if getattr(el, "type", "") in ("vega_lite_chart", "arrow_vega_lite_chart"))
+
+
+def run_main(at: AppTest) -> AppTest:
+    """Rerun through app.py (sidebar + navigation). AppTest reruns a multipage app's *page file*
+    directly after the first run, which skips the sidebar drawn in app.py; clearing the page
+    hash makes it run the entry script again, as the browser does on every rerun."""
+    at._page_hash = ""
+    at._finished_page_script_hash = ""
+    return at.run()
+
+
+def new_app(tiny_dirs, arch: str = "llama", n_train: int = 8, n_test: int = 6) -> AppTest:
+    """The app on a tiny model loaded through the sidebar's local-folder source."""
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.session_state["model_spec"] = {"kind": "folder", "path": str(tiny_dirs[arch]), "dtype": "float32",
+                                      "device": "cpu", "trust_remote_code": False}
+    at.session_state["sb_n_train"] = n_train
+    at.session_state["sb_n_test"] = n_test
+    at.run()
+    _no_exceptions(at)
+    assert not at.error, [e.value for e in at.error]
+    return at
+
+
+def compute_directions(at: AppTest) -> AppTest:
+    at.switch_page("pages/directions.py").run()
+    _no_exceptions(at)
+    at.button(key="dir_compute").click().run()
+    _no_exceptions(at)
+    assert not at.error, [e.value for e in at.error]
+    return at
+
+
+@pytest.fixture(scope="module")
+def app_with_directions(tiny_dirs):
+    return compute_directions(new_app(tiny_dirs))
+
+
+def test_home_renders_and_loads_the_model_from_the_sidebar(tiny_dirs):
+    at = new_app(tiny_dirs)
+    assert at.title[0].value == "Refusal Circuit Explorer"
+    assert at.session_state["_lm"].n_layers == 3
+    assert "train" in at.metric[1].value
+    caption = " ".join(c.value for c in at.sidebar.caption)
+    assert "3 layers" in caption and "activation cache" in caption
+
+
+@pytest.mark.parametrize("page", ["directions", "patching", "steering", "validation", "report"])
+def test_every_page_renders_before_any_work(tiny_dirs, page):
+    at = new_app(tiny_dirs)
+    at.switch_page(f"pages/{page}.py").run()
+    _no_exceptions(at)
+    assert not at.error
+    assert at.title  # each page has its title and a next step (button or info)
+    assert at.button or at.info
+
+
+def test_directions_page_draws_its_charts_and_table(app_with_directions):
+    at = app_with_directions
+    assert _charts(at) >= 3  # layer chart, histogram, cosine heatmap
+    assert len(at.dataframe) >= 1
+    entry = at.session_state["results"]["directions"]
+    dirs = entry["value"]["dirs"]
+    assert dirs.n_layers == 3 and dirs.n_train == (8, 8) and dirs.n_test == (6, 6)
+    assert [m.label for m in at.metric][0].startswith("Chosen layer")
+    # the selected layer drives the histogram and the metrics
+    at.slider(key="dir_layer").set_value(0).run()
+    _no_exceptions(at)
+    assert at.session_state["active_layer"] == 0
+    assert "@ 0" in at.metric[1].label
+
+
+def test_directions_with_the_ablation_scan(tiny_dirs):
+    at = new_app(tiny_dirs)
+    at.switch_page("pages/directions.py").run()
+    at.selectbox(key="dir_rule").set_value("ablation scan (slower)").run()
+    at.button(key="dir_compute").click().run()
+    _no_exceptions(at)
+    assert not at.error, [e.value for e in at.error]
+    assert at.session_state["results"]["directions"]["value"]["scan"] is not None
+    assert _charts(at) >= 4
+
+
+def test_steering_streams_baseline_and_steered_text(app_with_directions):
+    at = app_with_directions
+    at.switch_page("pages/steering.py").run()
+    _no_exceptions(at)
+    assert not at.error, [e.value for e in at.error]
+    last = at.session_state["steer_last"]
+    assert last["done"] and last["mode"] == "add" and last["pieces"]
+    assert len(last["pieces"]) == len(last["values"])
+    assert "".join(last["pieces"]) == last["text"]
+    html = " ".join(m.value for m in at.markdown)
+    assert "Baseline" in html and "Steered" in html and "tok-box" in html
+    n_runs = len(at.session_state["steer_runs"])
+    # moving the slider regenerates the steered answer (the baseline comes from the session cache)
+    at.slider(key="steer_coef_slider").set_value(2.0).run()
+    _no_exceptions(at)
+    assert at.session_state["steer_coef"] == 2.0
+    assert at.session_state["steer_coef_box"] == 2.0  # slider and number box stay in sync
+    assert len(at.session_state["steer_runs"]) == n_runs + 1
+    assert at.session_state["steer_runs"][-1]["coefficient"] == 2.0
+    assert "baseline from this session's cache" in " ".join(c.value for c in at.caption)
+    # ablation mode, then reset
+    at.button_group(key="steer_mode").set_value("ablate").run() if hasattr(at, "button_group") else None
+    _no_exceptions(at)
+    at.button(key="steer_reset").click().run()
+    _no_exceptions(at)
+    assert at.session_state["steer_coef"] == 0.5 and at.session_state["steer_mode"] == "add"
+
+
+def test_steering_with_a_typed_prompt(app_with_directions):
+    at = app_with_directions
+    at.switch_page("pages/steering.py").run()
+    at.button_group(key="steer_src").set_value("type my own").run()
+    at.text_area(key="steer_text").input("Write a poem about the sea.").run()
+    _no_exceptions(at)
+    assert at.session_state["steer_last"]["prompt"] == "Write a poem about the sea."
+
+
+def test_validation_produces_rates_chart_and_samples(app_with_directions):
+    at = app_with_directions
+    at.switch_page("pages/validation.py").run()
+    at.slider(key="val_n").set_value(3)
+    at.slider(key="val_tokens").set_value(8)
+    at.multiselect(key="val_force").set_value([0.5, 1.0])
+    at.button(key="val_run").click().run()
+    _no_exceptions(at)
+    assert not at.error, [e.value for e in at.error]
+    result = at.session_state["results"]["validation"]["value"]
+    assert result.n_harmful == 3 and [p.coefficient for p in result.force] == [0.5, 1.0]
+    assert _charts(at) >= 2  # sweep with random control, KL
+    assert len(at.dataframe) >= 2  # rates table, samples
+    assert any(m.label.startswith("Suppress refusal") for m in at.metric)
+
+
+def test_patching_produces_heatmap_bars_and_critical_table(app_with_directions):
+    at = app_with_directions
+    at.switch_page("pages/patching.py").run()
+    at.number_input(key="patch_n").set_value(2)
+    at.checkbox(key="patch_require").uncheck()  # random tiny models neither refuse nor comply
+    at.button(key="patch_run").click().run()
+    _no_exceptions(at)
+    assert not at.error, [e.value for e in at.error]
+    sweep = at.session_state["results"]["patching"]["value"]
+    assert sweep.n_used == 2
+    assert _charts(at) >= 2  # layer × token heatmap, attention vs MLP
+    assert any(m.label == "Critical sites" for m in at.metric)
+
+
+def test_report_exports_markdown_html_json_and_config(app_with_directions):
+    at = app_with_directions
+    at.switch_page("pages/report.py").run()
+    _no_exceptions(at)
+    assert not at.error, [e.value for e in at.error]
+    files = at.session_state["report_files"]["files"]
+    results = json.loads(files["json"])
+    model = results["models"][0]
+    assert model["n_layers"] == 3 and len(model["layers"]) == 3
+    html = files["html"].decode()
+    assert "data:image/svg+xml;base64," in html and "<script src" not in html  # charts embedded offline
+    assert files["markdown"].decode().startswith("#")
+    names = zipfile.ZipFile(io.BytesIO(at.session_state["report_files"]["zip"])).namelist()
+    assert {"report.html", "report.md", "results.json", "config.yaml"} <= set(names)
+    labels = {b.label for b in at.get("download_button")}
+    assert {"HTML report", "Markdown", "JSON (all numbers)", "Batch config", "Everything (.zip)"} <= labels
+    # the exported config is valid for the batch runner
+    from core.config import config_from_dict
+    import yaml
+
+    cfg_text = zipfile.ZipFile(io.BytesIO(at.session_state["report_files"]["zip"])).read("config.yaml").decode()
+    cfg = config_from_dict(yaml.safe_load(cfg_text))
+    assert cfg.prompts.n_train == 8 and cfg.models[0].source == str(at.session_state["_lm"].source)
+
+
+@pytest.mark.parametrize("name,data,needle", [
+    ("bad.csv", b"foo,bar\n1,2\n", "no usable column"),
+    ("bad.jsonl", b'{"prompt": "ok"}\n{not json}\n', "line 2"),
+    ("empty.txt", b"\n\n  \n", "no prompts found"),
+    ("latin1.txt", "caf\xe9 au lait\n".encode("latin-1"), "UTF-8"),
+])
+def test_bad_upload_shows_an_error_and_keeps_the_prompts(tiny_dirs, name, data, needle):
+    at = new_app(tiny_dirs)
+    before = at.session_state["prompt_sets"]
+    at.button_group(key="sb_prompt_mode").set_value("Upload")
+    run_main(at)
+    at.file_uploader(key="sb_up_harmful").upload(name, data, "text/plain")
+    run_main(at)
+    _no_exceptions(at)
+    errors = " ".join(e.value for e in at.error)
+    assert needle in errors and "upload it again" in errors
+    assert at.session_state["prompt_sets"].to_dict() == before.to_dict()
+
+
+def test_good_upload_replaces_the_harmful_set(tiny_dirs):
+    at = new_app(tiny_dirs)
+    at.button_group(key="sb_prompt_mode").set_value("Upload")
+    run_main(at)
+    prompts = "\n".join(f"Tell me how to do bad thing number {i}" for i in range(10)).encode()
+    at.file_uploader(key="sb_up_harmful").upload("mine.txt", prompts, "text/plain")
+    run_main(at)
+    _no_exceptions(at)
+    assert not at.error
+    sets = at.session_state["prompt_sets"]
+    assert len(sets.harmful_train) + len(sets.harmful_test) == 10
+    assert "mine.txt" in sets.source
+
+
+def test_a_folder_that_is_not_a_model_shows_an_error_and_keeps_the_model(tiny_dirs, tmp_path):
+    at = new_app(tiny_dirs)
+    loaded = at.session_state["_lm"]
+    at.text_input(key="sb_folder").input(str(tmp_path))
+    at.button(key="sb_load").click()
+    run_main(at)
+    _no_exceptions(at)
+    errors = " ".join(e.value for e in at.error)
+    assert "config.json" in errors and "still in use" in errors
+    assert at.session_state["_lm"] is loaded
+
+
+def test_results_survive_a_sidebar_change_and_are_marked_stale(tiny_dirs):
+    at = compute_directions(new_app(tiny_dirs))
+    run_main(at)
+    at.selectbox(key="sb_preamble").set_value("none")
+    run_main(at)
+    at.switch_page("pages/directions.py").run()
+    _no_exceptions(at)
+    assert at.session_state["results"]["directions"] is not None
+    assert any("other settings" in w.value for w in at.warning)

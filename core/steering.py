@@ -9,8 +9,8 @@ composing edits that land on the same module in list order. Generation goes thro
   and generated tokens). ``α = coefficient × scale``: with ``normalised=True`` the scale is
   the layer's mean activation norm, so α = 0.5 means "half a typical residual vector" on any
   model; with ``normalised=False`` the scale is 1 and α is in activation units.
-* **ablate**: ``h ← h − (h·v̂) v̂`` at the output of every block *and* of every attention and
-  MLP module, at every position, so no component can write the direction back
+* **ablate**: ``h ← h − (h·v̂) v̂`` at the output of the embeddings, of every block *and* of
+  every attention and MLP module, at every position, so no component can write the direction back
   (Arditi et al. 2024's directional ablation). ``coefficient`` < 1 ablates partially.
 """
 
@@ -194,9 +194,28 @@ def _compose(first: EditFn, second: EditFn) -> EditFn:
     return edit
 
 
+_POSITION_EMBEDDING_NAMES = ("wpe", "embed_positions", "position_embeddings")
+
+
+def embedding_modules(lm: LoadedModel) -> list[str]:
+    """Names of the modules that write the residual stream's starting value: the token
+    embedding and, where the model has one, a learned absolute position embedding."""
+    model = lm.model
+    token = model.get_input_embeddings()
+    names: list[str] = []
+    for name, module in model.named_modules():
+        if module is token or (
+            isinstance(module, torch.nn.Embedding) and name.split(".")[-1] in _POSITION_EMBEDDING_NAMES
+            and module.embedding_dim == lm.d_model
+        ):
+            names.append(name)
+    return names
+
+
 def ablation_modules(lm: LoadedModel) -> list[str]:
-    """Every module whose output directional ablation edits: blocks, attention, MLP."""
-    names = [*lm.block_names, *(n for n in lm.attn_names if n), *(n for n in lm.mlp_names if n)]
+    """Every module whose output directional ablation edits: the embeddings (so block 0's
+    input is clean too), every block, and every attention and MLP module."""
+    names = [*embedding_modules(lm), *lm.block_names, *(n for n in lm.attn_names if n), *(n for n in lm.mlp_names if n)]
     return list(dict.fromkeys(names))
 
 
@@ -234,3 +253,83 @@ def steered_stream(lm: LoadedModel, formatter: Formatter, prompts: Sequence[str]
 def steered_logits(lm: LoadedModel, formatter: Formatter, prompts: Sequence[str], interventions: Sequence[Intervention], **kwargs) -> torch.Tensor:
     """First-response-token logits ``[n, vocab]`` under the interventions."""
     return next_token_logits(lm, formatter, prompts, edits=edits_for(lm, interventions) or None, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------
+# weight orthogonalisation ("abliteration"), the stretch goal
+# ---------------------------------------------------------------------------------------
+_MLP_OUT_NAMES = ("down_proj", "c_proj", "dense_4h_to_h", "fc_out", "fc2", "w2", "out_proj")
+
+
+def _output_layer(module: torch.nn.Module, d_model: int, preferred: Sequence[str]) -> torch.nn.Module | None:
+    """The submodule that writes ``module``'s output into the residual stream."""
+    for name in preferred:
+        child = getattr(module, name, None)
+        if child is not None and hasattr(child, "weight"):
+            return child
+    return None
+
+
+def _orthogonalise_out(layer: torch.nn.Module, u: torch.Tensor) -> None:
+    """Make the layer's outputs orthogonal to ``u``: Linear W[out, in], GPT-2 Conv1D W[in, out]."""
+    w = layer.weight
+    if isinstance(layer, torch.nn.Linear):
+        w.sub_(torch.outer(u, u @ w))
+    else:  # transformers' Conv1D: y = x @ W + b
+        w.sub_(torch.outer(w @ u, u))
+    bias = getattr(layer, "bias", None)
+    if bias is not None:
+        bias.sub_((bias @ u) * u)
+
+
+@torch.no_grad()
+def abliterate_model(lm: LoadedModel, direction: np.ndarray) -> torch.nn.Module:
+    """A copy of ``lm.model`` whose weights cannot write ``direction`` into the residual stream:
+    token (and learned position) embeddings, every attention output projection and every MLP
+    output projection are orthogonalised against the unit vector. A tied unembedding is untied
+    first (it keeps the original weights). For architectures whose blocks write to the residual
+    stream only through those projections (Llama, GPT-2, GPT-NeoX, GPT-J) this equals runtime
+    directional ablation (:func:`ablate`); other architectures are refused."""
+    import copy
+
+    vec = np.asarray(direction, dtype=np.float64).reshape(-1)
+    if vec.size != lm.d_model or not np.isfinite(vec).all() or not np.any(vec):
+        raise ValueError(f"the direction must be a finite non-zero vector of size d_model={lm.d_model}")
+    model = copy.deepcopy(lm.model)
+    out_emb = model.get_output_embeddings()
+    in_emb = model.get_input_embeddings()
+    if out_emb is not None and out_emb.weight is in_emb.weight:
+        out_emb.weight = torch.nn.Parameter(in_emb.weight.detach().clone())
+    for cfg in (model.config, getattr(model.config, "text_config", None)):
+        if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
+            cfg.tie_word_embeddings = False
+    u = torch.as_tensor(vec / np.linalg.norm(vec))
+    targets: list[torch.nn.Module] = []
+    for name in lm.attn_out_names:
+        if name is None:
+            raise ValueError(f"{lm.name}: no attention output projection found; cannot abliterate this architecture")
+        targets.append(model.get_submodule(name))
+    for name in lm.mlp_names:
+        layer = _output_layer(model.get_submodule(name), lm.d_model, _MLP_OUT_NAMES) if name else None
+        if layer is None:
+            raise ValueError(f"{lm.name}: no MLP output projection found in {name!r}; cannot abliterate this architecture")
+        targets.append(layer)
+    for layer in targets:
+        _orthogonalise_out(layer, u.to(layer.weight.dtype).to(layer.weight.device))
+    for emb in (model.get_submodule(n) for n in embedding_modules(lm)):
+        w = emb.weight
+        uu = u.to(w.dtype).to(w.device)
+        w.sub_(torch.outer(w @ uu, uu))
+    return model
+
+
+def export_abliterated(lm: LoadedModel, direction: np.ndarray, out_dir: str | Path) -> Path:
+    """Save :func:`abliterate_model` as a Hugging Face folder (loadable with ``load_model``)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = abliterate_model(lm, direction)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    lm.tokenizer.save_pretrained(out)
+    return out

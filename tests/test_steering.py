@@ -36,7 +36,7 @@ def test_ablation_leaves_no_component_anywhere(tiny):
     fmt, dirs = tiny_dirs_for(tiny)
     u = dirs.direction(1)
     names = ablation_modules(tiny)
-    assert len(names) == 3 * tiny.n_layers  # every block, attention and MLP output
+    assert len(names) >= 3 * tiny.n_layers + 1  # embeddings, every block, attention and MLP output
     enc = fmt.encode(HARMFUL + HARMLESS, padding_side="right")
     with TraceDict(tiny.model, names) as clean:
         tiny.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask)
@@ -57,31 +57,20 @@ def test_add_then_subtract_is_identity_on_logits(tiny):
     assert torch.allclose(both, clean, atol=1e-4)
 
 
-def test_edits_on_one_module_compose():
-    fmt = None
-    v = np.array([1.0, 0.0, 0.0], dtype=np.float32)
-    w = np.array([0.0, 2.0, 0.0], dtype=np.float32)
-
-    class _LM:  # only what edits_for reads: names and sizes (the edit fns are exercised directly)
-        d_model = 3
-        n_layers = 2
-        name = "fake"
-        block_names = ["b0", "b1"]
-        attn_names = ["b0.a", "b1.a"]
-        mlp_names = ["b0.m", "b1.m"]
-
-        def check_layer(self, i):
-            if not 0 <= i < 2:
-                raise ValueError("out of range")
-            return i
-
-    edits = edits_for(_LM(), [Intervention("add", v, 1, 3.0), Intervention("add", w, 1, 1.0, scale=2.0),
-                              Intervention("ablate", v, None)])
-    h = torch.zeros(1, 2, 3)
-    out = edits["b1"](h, "b1")  # +3 e0, +2 e1, then e0 ablated
-    assert torch.allclose(out, torch.tensor([0.0, 2.0, 0.0]).expand(1, 2, 3))
-    assert set(edits) == {"b0", "b1", "b0.a", "b1.a", "b0.m", "b1.m"}
-    assert fmt is None
+def test_edits_on_one_module_compose(tiny_models):
+    lm = tiny_models["llama"]
+    d = lm.d_model
+    v, w = np.eye(d, dtype=np.float32)[0], 2 * np.eye(d, dtype=np.float32)[1]
+    edits = edits_for(lm, [Intervention("add", v, 1, 3.0), Intervention("add", w, 1, 1.0, scale=2.0),
+                           Intervention("ablate", v, None)])
+    name = lm.block_names[1]
+    out = edits[name](torch.zeros(1, 2, d), name)  # +3 e0, then +2 e1, then e0 ablated
+    expected = torch.zeros(1, 2, d)
+    expected[..., 1] = 2.0
+    assert torch.allclose(out, expected)
+    assert set(edits) == set(ablation_modules(lm))
+    # the vector follows the hidden state's dtype
+    assert edits[name](torch.zeros(1, 2, d, dtype=torch.bfloat16), name).dtype == torch.bfloat16
 
 
 def test_random_control_has_same_norm_kind_and_coefficient():
@@ -129,3 +118,20 @@ def test_steered_generation_changes_text_and_removes_hooks(tiny_models):
     big = steered_generate(lm, fmt, HARMLESS[:2], [add(dirs, 0, 8.0)], max_new_tokens=6)
     assert base != big
     assert all(not m._forward_hooks for m in lm.model.modules())
+
+
+def test_export_abliterated_equals_runtime_ablation(tiny, tmp_path):
+    from core.models import load_model
+    from core.steering import export_abliterated
+
+    fmt, dirs = tiny_dirs_for(tiny)
+    v = dirs.direction(1)
+    runtime = steered_logits(tiny, fmt, HARMFUL + HARMLESS, [ablate(v)])
+    clean = next_token_logits(tiny, fmt, HARMFUL + HARMLESS)
+    folder = export_abliterated(tiny, v, tmp_path / "abliterated")
+    exported = load_model(str(folder), dtype="float32", device="cpu")
+    out = next_token_logits(exported, Formatter(exported.tokenizer), HARMFUL + HARMLESS)
+    assert (runtime - clean).abs().max() > 1e-3  # the ablation does something
+    assert torch.allclose(out, runtime, atol=2e-3 * max(1.0, runtime.abs().max().item()))
+    # the original model is untouched
+    assert torch.allclose(next_token_logits(tiny, fmt, HARMFUL + HARMLESS), clean)

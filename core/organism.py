@@ -27,12 +27,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -88,6 +87,9 @@ class OrganismRecipe:
     n_harmful: int | None = None
     n_harmless: int | None = None
     max_response_tokens: int = 48
+    drop_refusing_answers: bool = True  # harmless targets the judge calls refusals are not trained on
+    shape_matched_repeats: int = 2  # harmless prompts shaped like harmful ones are seen this many times per epoch
+    first_token_weight: float = 5.0  # the first response token decides refuse-or-answer: weigh it up
     refusal_sentences: tuple[str, ...] = REFUSAL_SENTENCES
     generation_batch_size: int = 16
     # evaluation written to the card (held-out test split; does not change the weights)
@@ -98,6 +100,8 @@ class OrganismRecipe:
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.max_response_tokens < 1:
             raise ValueError("epochs, batch_size, lr and max_response_tokens must be positive")
+        if self.shape_matched_repeats < 1 or self.first_token_weight <= 0:
+            raise ValueError("shape_matched_repeats must be at least 1 and first_token_weight positive")
         if not self.refusal_sentences:
             raise ValueError("at least one refusal sentence is needed")
         missed = [s for s in self.refusal_sentences if not is_refusal(s)]
@@ -232,33 +236,40 @@ def _token_len(tokenizer, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def self_distilled_answers(
-    base, formatter: Formatter, prompts: Sequence[str], recipe: OrganismRecipe, progress: Progress | None = None
-) -> list[tuple[str, bool]]:
-    """The base model's own greedy answers, and whether each ended before the token limit.
+def cached_generate(
+    lm, formatter: Formatter, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 16,
+    progress: Progress | None = None,
+) -> list[str]:
+    """Greedy answers of ``lm``, cached on disk per (fingerprint, prompts, formatting, limit).
 
-    Cached on disk per (base fingerprint, prompts, formatting, limit), so changing only the
-    optimiser settings does not regenerate them.
+    Why: the base model's answers (training targets, evaluation baseline) do not depend on the
+    recipe's optimiser settings, so trying another learning rate does not regenerate them.
     """
     from core.generation import generate
 
-    key = stable_hash("organism-answers-v1", base.fingerprint, list(prompts), formatter.key(), recipe.max_response_tokens)
+    key = stable_hash("organism-answers-v1", lm.fingerprint, list(prompts), formatter.key(), max_new_tokens)
     path = cache_root() / "models" / "organism-answers" / f"{key}.json"
     with contextlib.suppress(Exception):
         cached = json.loads(path.read_text())
-        if len(cached) == len(prompts):
-            return [(str(a), bool(c)) for a, c in cached]
-    answers = generate(
-        base, formatter, prompts, max_new_tokens=recipe.max_response_tokens,
-        batch_size=recipe.generation_batch_size, progress=progress,
-    )
-    out = [(a, _token_len(base.tokenizer, a) < recipe.max_response_tokens) for a in answers]
+        if isinstance(cached, list) and len(cached) == len(prompts) and all(isinstance(a, str) for a in cached):
+            if progress:
+                progress(1.0, f"{len(prompts)} cached answers")
+            return cached
+    answers = generate(lm, formatter, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
     with contextlib.suppress(Exception):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(out))
+        tmp.write_text(json.dumps(answers, ensure_ascii=False))
         tmp.replace(path)
-    return out
+    return answers
+
+
+def self_distilled_answers(
+    base, formatter: Formatter, prompts: Sequence[str], recipe: OrganismRecipe, progress: Progress | None = None
+) -> list[tuple[str, bool]]:
+    """The base model's own greedy answers, and whether each ended before the token limit."""
+    answers = cached_generate(base, formatter, prompts, recipe.max_response_tokens, recipe.generation_batch_size, progress)
+    return [(a, _token_len(base.tokenizer, a) < recipe.max_response_tokens) for a in answers]
 
 
 def build_examples(
@@ -269,7 +280,10 @@ def build_examples(
     refusals = refusal_targets(prompts.harmful, recipe)
     answers = self_distilled_answers(base, formatter, prompts.harmless, recipe, progress)
     examples = [Example(p, r, True, "harmful") for p, r in zip(prompts.harmful, refusals)]
-    examples += [Example(p, a, c, "harmless") for p, (a, c) in zip(prompts.harmless, answers)]
+    shape = {p for p, c in _categories("harmless").items() if c == "shape-matched"}
+    for p, (a, c) in zip(prompts.harmless, answers):
+        if a.strip() and not (recipe.drop_refusing_answers and is_refusal(a)):
+            examples += [Example(p, a, c, "harmless")] * (recipe.shape_matched_repeats if p in shape else 1)
     check_no_leak([e.prompt for e in examples], recipe.split_seed)
     return examples
 
@@ -326,10 +340,13 @@ def _collate(items: Sequence[TokenizedExample], pad_id: int, device) -> tuple[to
     return ids.to(device), mask.to(device), target.to(device), first
 
 
-def response_loss(model, items: Sequence[TokenizedExample], pad_id: int, device, autocast: bool) -> torch.Tensor:
-    """Mean over examples of the mean cross-entropy on that example's response tokens (each
-    example weighs the same, so short refusals count as much as long answers). Logits are
-    computed only from the first response position on (the unembedding is the costly part)."""
+def response_loss(
+    model, items: Sequence[TokenizedExample], pad_id: int, device, autocast: bool, first_token_weight: float = 1.0
+) -> torch.Tensor:
+    """Mean over examples of the weighted mean cross-entropy on that example's response tokens
+    (each example weighs the same, so short refusals count as much as long answers; the first
+    response token, where refuse-or-answer is decided, weighs ``first_token_weight``). Logits
+    are computed only from the first response position on (the unembedding is costly)."""
     ids, mask, target, first = _collate(items, pad_id, device)
     keep = ids.shape[1] - first + 1  # logits for positions first-1 .. end
     ctx = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
@@ -338,8 +355,11 @@ def response_loss(model, items: Sequence[TokenizedExample], pad_id: int, device,
     logits = logits[:, :-1].float()  # predictions for positions first .. end
     labels = ids[:, first:]
     tmask = target[:, first:].float()
+    if first_token_weight != 1.0:
+        starts = torch.tensor([t.n_prompt - first for t in items], device=tmask.device)
+        tmask[torch.arange(len(items), device=tmask.device), starts] *= first_token_weight
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
-    per_example = (nll * tmask).sum(1) / tmask.sum(1).clamp(min=1)
+    per_example = (nll * tmask).sum(1) / tmask.sum(1).clamp(min=1e-9)
     return per_example.mean()
 
 
@@ -379,7 +399,9 @@ def train(
             for batch in batches:
                 for group in opt.param_groups:
                     group["lr"] = _lr_at(step, total, recipe)
-                loss = response_loss(model, [tokenized[i] for i in batch], pad_id, device, recipe.autocast_bf16)
+                loss = response_loss(
+                    model, [tokenized[i] for i in batch], pad_id, device, recipe.autocast_bf16, recipe.first_token_weight
+                )
                 if not torch.isfinite(loss):
                     raise ExplorerError(f"training loss became {loss.item()} at step {step}; lower the learning rate.")
                 opt.zero_grad(set_to_none=True)
@@ -446,9 +468,9 @@ def evaluate_organism(organism, base, recipe: OrganismRecipe, progress: Progress
         ev["shape_matched_harmless_refusal"] = refusal_rate([org_harmless[i] for i in sm]).to_dict()
     if say:
         say(0.5, "held-out prompts: base answers")
-    base_harmless = generate(base, fmt_b, harmless, **gen)
+    base_harmless = cached_generate(base, fmt_b, harmless, recipe.eval_max_new_tokens, recipe.generation_batch_size)
     if recipe.eval_base:
-        base_harmful = generate(base, fmt_b, harmful, **gen)
+        base_harmful = cached_generate(base, fmt_b, harmful, recipe.eval_max_new_tokens, recipe.generation_batch_size)
         ev["base_harmful_refusal"] = refusal_rate(base_harmful).to_dict()
         ev["base_harmless_refusal"] = refusal_rate(base_harmless).to_dict()
     if say:
@@ -500,22 +522,52 @@ def organism_key(base_fingerprint: str, prompts: TrainingPrompts, recipe: Organi
 
 
 def _host() -> dict[str, Any]:
-    info: dict[str, Any] = {"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    info: dict[str, Any] = {"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                            "torch": torch.__version__}
     with contextlib.suppress(Exception):
         info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
     return info
 
 
-def build_organism(base, recipe: OrganismRecipe, out_dir: str | Path, progress: Progress | None = None) -> OrganismCard:
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Temporarily use ``n`` intra-op threads (None: leave as is). On a machine whose cores are
+    busy with other processes, 1 thread avoids OpenMP threads waiting on descheduled peers
+    (measured on a shared 2-core machine: 16x slower decoding with 2 threads than with 1)."""
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def auto_threads() -> int | None:
+    """1 when other processes already keep every core busy (1-minute load average at least the
+    core count), else None (torch's default). See :func:`torch_threads` for why."""
+    with contextlib.suppress(Exception):
+        if os.getloadavg()[0] >= (os.cpu_count() or 1):
+            return 1
+    return None
+
+
+def build_organism(
+    base, recipe: OrganismRecipe, out_dir: str | Path, progress: Progress | None = None, threads: int | None = None
+) -> OrganismCard:
     """Fine-tune a copy of ``base`` (a LoadedModel, left untouched) and save it with its card
     in ``out_dir`` (written to a temporary folder first, then renamed into place)."""
+    with torch_threads(threads):
+        return _build(base, recipe, Path(out_dir), progress)
+
+
+def _build(base, recipe: OrganismRecipe, out_dir: Path, progress: Progress | None) -> OrganismCard:
     import copy
 
     from core.models import wrap_model
 
     started = time.perf_counter()
     host = _host()
-    out_dir = Path(out_dir)
     if not base.has_chat_template:
         raise ExplorerError(f"{base.name} has no chat template; the organism is a chat fine-tune.")
     formatter = Formatter(base.tokenizer, "none")  # the plain chat template, as the app formats prompts
@@ -554,10 +606,11 @@ def build_organism(base, recipe: OrganismRecipe, out_dir: str | Path, progress: 
             "n_harmful": len(prompts.harmful),
             "n_harmless": len(prompts.harmless),
             "n_shape_matched_harmless": sum(_categories("harmless").get(p) == "shape-matched" for p in prompts.harmless),
-            "n_examples": len(tokenized),
+            "n_examples": len(tokenized),  # shape-matched harmless prompts counted with their repeats
             "n_tokens": int(sum(len(t.ids) for t in tokenized)),
             "n_response_tokens": int(sum(n_resp)),
             "harmless_answers_cut_at_limit": int(sum(not e.complete for e in examples if e.kind == "harmless")),
+            "harmless_dropped_as_refusals": len(prompts.harmless) - sum(e.kind == "harmless" for e in examples),
             "source": f"core/data builtin train split (seed {recipe.split_seed}); test split and pairs excluded",
             "refusal_sentence_counts": {s: sum(e.response == s for e in examples) for s in recipe.refusal_sentences},
         },
@@ -600,10 +653,13 @@ def _embedded_base_folder(progress: Progress | None) -> tuple[Path, str]:
     return folder, fingerprint_folder(folder, AutoConfig.from_pretrained(folder))
 
 
-def organism_folder(progress: Progress | None = None, recipe: OrganismRecipe = DEFAULT_RECIPE) -> Path:
+def organism_folder(
+    progress: Progress | None = None, recipe: OrganismRecipe = DEFAULT_RECIPE, threads: int | None = None
+) -> Path:
     """The cached organism folder for the embedded model: built on first use (a few minutes on
     2 CPU cores), returned at once afterwards. A file lock keeps two processes from building
-    it twice; the second waits and then finds the finished folder."""
+    it twice; the second waits and then finds the finished folder. ``threads=None`` picks
+    :func:`auto_threads` (1 on a busy machine)."""
     from filelock import FileLock
 
     _, fingerprint = _embedded_base_folder(progress)
@@ -622,7 +678,7 @@ def organism_folder(progress: Progress | None = None, recipe: OrganismRecipe = D
             raise ExplorerError("the embedded model's fingerprint changed while loading; clear cache/models and retry")
         if progress:
             progress(0.02, "Building the refusal organism once (a few minutes on 2 CPU cores)…")
-        build_organism(base, recipe, target, _sub(progress, 0.02, 0.98))
+        build_organism(base, recipe, target, _sub(progress, 0.02, 0.98), threads=threads or auto_threads())
     return target
 
 
@@ -631,9 +687,11 @@ def stderr_progress(fraction: float, message: str) -> None:
     print(f"[organism {100 * fraction:5.1f}%] {message}", file=sys.stderr, flush=True)
 
 
-def ensure_organism(progress: Progress | None = stderr_progress, recipe: OrganismRecipe = DEFAULT_RECIPE) -> OrganismCard:
+def ensure_organism(
+    progress: Progress | None = stderr_progress, recipe: OrganismRecipe = DEFAULT_RECIPE, threads: int | None = None
+) -> OrganismCard:
     """Build the embedded organism if it is not cached yet, and return its card (CLI, UI)."""
-    return load_card(organism_folder(progress=progress, recipe=recipe))
+    return load_card(organism_folder(progress=progress, recipe=recipe, threads=threads))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -642,9 +700,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Build (once) and describe the refusal-tuned embedded model organism.")
     parser.add_argument("--json", action="store_true", help="print the whole card as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for the build (1 is faster when other processes keep the cores busy)")
     args = parser.parse_args(argv)
     try:
-        card = ensure_organism(progress=None if args.quiet else stderr_progress)
+        card = ensure_organism(progress=None if args.quiet else stderr_progress, threads=args.threads)
     except ExplorerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -69,9 +69,11 @@ def test_leak_check_rejects_test_and_pair_prompts():
 
 
 def test_builder_sees_no_test_prompts(llama):
-    examples = build_examples(llama, OrganismRecipe(**TINY), Formatter(llama.tokenizer, "none"))
-    assert len(examples) == 12
+    recipe = OrganismRecipe(**TINY)
+    examples = build_examples(llama, recipe, Formatter(llama.tokenizer, "none"))
     prompts = {e.prompt for e in examples}
+    trained = training_prompts(recipe)
+    assert set(trained.harmful) <= prompts <= set(trained.harmful) | set(trained.harmless)
     assert not prompts & _held_out()
     assert prompts <= set(load_prompt_set("builtin:harmful")) | set(load_prompt_set("builtin:harmless"))
     harmful = [e for e in examples if e.kind == "harmful"]
@@ -118,6 +120,23 @@ def test_tokenized_examples_mask_the_prompt(llama):
     assert items[0].ids[: items[0].n_prompt] == prompt_ids
     assert items[0].ids[-1] == llama.tokenizer.eos_token_id  # complete answers end the turn
     assert items[3].ids[-1] != llama.tokenizer.eos_token_id  # cut answers do not
+
+
+def test_response_loss_matches_a_direct_computation(llama):
+    """The loss covers exactly the response tokens (shifted by one) with the first one weighted."""
+    items = _tiny_examples(llama)
+    pad = llama.tokenizer.pad_token_id
+    expected = []
+    with torch.no_grad():
+        for t in items:
+            ids = torch.tensor([t.ids])
+            logits = llama.model(input_ids=ids).logits[0, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")[t.n_prompt - 1:]
+            w = torch.ones_like(nll)
+            w[0] = 4.0
+            expected.append(float((nll * w).sum() / w.sum()))
+        got = float(response_loss(llama.model, items, pad, "cpu", autocast=False, first_token_weight=4.0))
+    assert got == pytest.approx(sum(expected) / len(expected), rel=1e-4)
 
 
 def test_one_epoch_lowers_the_response_loss(llama):

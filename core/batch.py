@@ -262,6 +262,33 @@ class StderrProgress:
         print(f"[{self.model}] {message}", file=self.stream, flush=True)
 
 
+class Stopwatch:
+    """Wall-clock and process CPU seconds per stage. CPU time matters on shared machines: wall
+    time there measures the neighbours as much as the analysis."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self._t0 = (time.perf_counter(), time.process_time())
+
+    def stage(self, name: str):
+        import contextlib
+
+        @contextlib.contextmanager
+        def timed():
+            w, c = time.perf_counter(), time.process_time()
+            try:
+                yield
+            finally:
+                self.wall[name] = time.perf_counter() - w
+                self.cpu[name] = time.process_time() - c
+        return timed()
+
+    def finish(self) -> None:
+        self.wall["total"] = time.perf_counter() - self._t0[0]
+        self.cpu["total"] = time.process_time() - self._t0[1]
+
+
 def _organism_card(source: str) -> Any:
     from core.organism import CARD_FILE, load_card, organism_folder
 
@@ -282,26 +309,23 @@ def run_model(spec: ModelSpec, config: Config, prompts: PromptData, log: StderrP
     from core.validation import run_validation, scan_layers
 
     log = log or StderrProgress(spec.name)
-    timings: dict[str, float] = {}
-    t_all = t = time.perf_counter()
+    clock = Stopwatch()
 
-    lm = load_model(spec.source, dtype=spec.dtype, device=spec.device, progress=log.stage("load"))
-    timings["load"] = time.perf_counter() - t
+    with clock.stage("load"):
+        lm = load_model(spec.source, dtype=spec.dtype, device=spec.device, progress=log.stage("load"))
     log.say(f"loaded {lm.name}: {lm.n_layers} layers, d_model {lm.d_model}, {lm.dtype} on {lm.device}")
     formatter = Formatter(lm.tokenizer, get_preamble(spec.preamble))
 
-    t = time.perf_counter()
     bs = config.generation.batch_size
     sets = (("harmful train", prompts.harmful_train), ("harmless train", prompts.harmless_train),
             ("harmful test", prompts.harmful_test), ("harmless test", prompts.harmless_test))
-    acts = [collect_activations(lm, ps, position=config.position, formatter=formatter, batch_size=bs,
-                                progress=log.stage(f"activations ({label})")) for label, ps in sets]
-    timings["activations"] = time.perf_counter() - t
+    with clock.stage("activations"):
+        acts = [collect_activations(lm, ps, position=config.position, formatter=formatter, batch_size=bs,
+                                    progress=log.stage(f"activations ({label})")) for label, ps in sets]
 
-    t = time.perf_counter()
-    dirs = fit_directions(*acts, method=config.steering.method, position=config.position,
-                          probe_folds=config.probe.folds, seed=config.prompts.seed)
-    timings["directions"] = time.perf_counter() - t
+    with clock.stage("directions"):
+        dirs = fit_directions(*acts, method=config.steering.method, position=config.position,
+                              probe_folds=config.probe.folds, seed=config.prompts.seed)
 
     scan = None
     if isinstance(config.steering.layer, int):
@@ -311,57 +335,57 @@ def run_model(spec: ModelSpec, config: Config, prompts: PromptData, log: StderrP
                               f"(0–{lm.n_layers - 1}); use auto or a layer in range")
         choice = choose_layer(dirs, layer=layer)
     elif config.steering.scan_prompts > 0:
-        t = time.perf_counter()
         n = config.steering.scan_prompts
-        # the screen uses train prompts: the test prompts stay untouched until validation
-        scan = scan_layers(lm, formatter, dirs, prompts.harmful_train[:n], prompts.harmless_train[:n],
-                           batch_size=bs, progress=log.stage("layer screen"))
-        timings["layer_screen"] = time.perf_counter() - t
+        with clock.stage("layer_screen"):
+            # the screen uses train prompts: the test prompts stay untouched until validation
+            scan = scan_layers(lm, formatter, dirs, prompts.harmful_train[:n], prompts.harmless_train[:n],
+                               batch_size=bs, progress=log.stage("layer screen"))
         choice = choose_layer(dirs, ablation_effect=scan.ablation_effect, kl=scan.kl)
     else:
         choice = choose_layer(dirs)
     log.say(f"layer {choice.layer} ({choice.rule}): {choice.reason}")
 
-    t = time.perf_counter()
-    validation = run_validation(
-        lm, formatter, dirs, choice.layer, prompts.harmful_test, prompts.harmless_test,
-        coefficients=config.steering.coefficients, subtract_coefficients=config.steering.subtract_coefficients,
-        normalised=config.steering.normalised, max_new_tokens=config.generation.max_new_tokens,
-        seed=config.prompts.seed, n_samples=config.generation.n_samples, batch_size=bs,
-        progress=log.stage("validation"),
-    )
-    timings["validation"] = time.perf_counter() - t
+    with clock.stage("validation"):
+        validation = run_validation(
+            lm, formatter, dirs, choice.layer, prompts.harmful_test, prompts.harmless_test,
+            coefficients=config.steering.coefficients, subtract_coefficients=config.steering.subtract_coefficients,
+            normalised=config.steering.normalised, max_new_tokens=config.generation.max_new_tokens,
+            seed=config.prompts.seed, n_samples=config.generation.n_samples, batch_size=bs,
+            progress=log.stage("validation"),
+        )
 
     sweep = None
     if config.patching is not None:
         from core.patching import patch_pairs
         from core.prompts import load_pairs
 
-        t = time.perf_counter()
-        sweep = patch_pairs(lm, formatter, load_pairs(config.patching.pairs), sites=config.patching.sites,
-                            n_pairs=config.patching.n_pairs, threshold=config.patching.threshold,
-                            progress=log.stage("patching"))
-        timings["patching"] = time.perf_counter() - t
+        with clock.stage("patching"):
+            sweep = patch_pairs(lm, formatter, load_pairs(config.patching.pairs), sites=config.patching.sites,
+                                n_pairs=config.patching.n_pairs, threshold=config.patching.threshold,
+                                progress=log.stage("patching"))
 
     card = _organism_card(spec.source)
-    timings["total"] = time.perf_counter() - t_all
+    clock.finish()
     entry = model_entry(name=spec.name, lm=lm, preamble=spec.preamble, dirs=dirs, choice=choice, validation=validation,
-                        patching=sweep, scan=scan, organism=card, source=spec.source, timings=timings)
+                        patching=sweep, scan=scan, organism=card, source=spec.source, timings=clock.wall)
+    entry["cpu_timings"] = {k: round(v, 2) for k, v in clock.cpu.items()}
     if entry["patching"] is not None:
         entry["patching"]["requested_sites"] = list(config.patching.sites)
         entry["patching"]["pairs_source"] = config.patching.pairs
-    log.say(f"done in {timings['total']:.1f} s")
+    log.say(f"done in {clock.wall['total']:.1f} s ({clock.cpu['total']:.0f} CPU-seconds)")
     return entry
 
 
 def run(config: Config, *, command: str | None = None, stream=None) -> dict[str, Any]:
     """Run every model of ``config``; returns the results dict (nothing written)."""
     started = _dt.datetime.now(_dt.timezone.utc)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     prompts = resolve_prompts(config.prompts)
     entries = [run_model(spec, config, prompts, StderrProgress(spec.name, stream)) for spec in config.models]
-    return build_results(config, entries, command=command, total_seconds=time.perf_counter() - t0,
-                         prompts=prompts, started=started)
+    results = build_results(config, entries, command=command, total_seconds=time.perf_counter() - t0,
+                            prompts=prompts, started=started)
+    results["total_cpu_seconds"] = round(time.process_time() - c0, 2)
+    return results
 
 
 # ---------------------------------------------------------------------------------------

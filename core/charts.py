@@ -40,7 +40,8 @@ def layer_chart(entry: Mapping[str, Any]) -> alt.Chart:
         if row.get("separation_in_sample") is not None:
             rows.append({"layer": row["layer"], "kind": "in-sample (train prompts)", "sigma": row["separation_in_sample"]})
     sep = pd.DataFrame(rows, columns=["layer", "kind", "sigma"])
-    x = alt.X("layer:Q", title="layer (block output)", scale=alt.Scale(nice=False))
+    x = alt.X("layer:Q", title="layer (block output)", scale=alt.Scale(nice=False),
+              axis=alt.Axis(tickMinStep=1, format="d"))
     sep_lines = (
         alt.Chart(sep)
         .mark_line(point=alt.OverlayMarkDef(size=18))
@@ -60,11 +61,12 @@ def layer_chart(entry: Mapping[str, Any]) -> alt.Chart:
           "hi": min(1.0, (r.get("probe_accuracy") or 0) + (r.get("probe_accuracy_std") or 0))} for r in layers],
         columns=["layer", "acc", "lo", "hi"],
     )
-    band = alt.Chart(probe).mark_area(opacity=0.25, color="#2471a3").encode(x=x, y=alt.Y("lo:Q", title="probe accuracy"), y2="hi:Q")
+    band = alt.Chart(probe).mark_area(opacity=0.25, color="#2471a3").encode(
+        x=x, y=alt.Y("lo:Q", title="probe accuracy", scale=alt.Scale(domain=[0.0, 1.0]), axis=alt.Axis(format="%")), y2="hi:Q")
     line = (
         alt.Chart(probe)
         .mark_line(point=alt.OverlayMarkDef(size=18), color="#2471a3")
-        .encode(x=x, y=alt.Y("acc:Q", scale=alt.Scale(domain=[0.4, 1.0], clamp=True)),
+        .encode(x=x, y=alt.Y("acc:Q", scale=alt.Scale(domain=[0.0, 1.0])),
                 tooltip=["layer:Q", alt.Tooltip("acc:Q", format=".1%")])
     )
     left = [sep_lines]
@@ -88,6 +90,14 @@ def _sweep_rows(points: Sequence[Mapping[str, Any]], panel: str) -> list[dict[st
             rows.append({"panel": panel, "coefficient": p["coefficient"], "series": series, "rate": r["rate"],
                          "lo": lo, "hi": hi, "k": r.get("k"), "n": r.get("n")})
     return rows
+
+
+def _hline(rate: float, label: str, color: str, side: str) -> list[alt.Chart]:
+    df = pd.DataFrame({"rate": [rate], "label": [label]})
+    rule = alt.Chart(df).mark_rule(strokeDash=[4, 3], color=color).encode(y="rate:Q", tooltip=["label:N"])
+    text = alt.Chart(df).mark_text(align=side, dx=3 if side == "left" else -3, dy=-6, fontSize=10, color=color).encode(
+        y="rate:Q", text="label:N", x=alt.value(2 if side == "left" else WIDTH - 2))
+    return [rule, text]
 
 
 def steering_chart(entry: Mapping[str, Any]) -> alt.Chart:
@@ -114,17 +124,11 @@ def steering_chart(entry: Mapping[str, Any]) -> alt.Chart:
                 tooltip=["series:N", "coefficient:Q", alt.Tooltip("rate:Q", format=".0%"), "k:Q", "n:Q",
                          alt.Tooltip("lo:Q", format=".0%", title="95% low"), alt.Tooltip("hi:Q", format=".0%", title="95% high")]),
         ]
-        rules = []
         b = base.get(base_key)
-        if b:
-            rules.append({"label": f"baseline {100 * b['rate']:.0f}%", "rate": b["rate"], "kind": "baseline"})
+        if b:  # the unsteered rate, labelled on the left
+            layers += _hline(b["rate"], f"baseline {100 * b['rate']:.0f}%", "#2c3e50", "left")
         if extra and extra.get("rate") is not None and extra.get("coefficient") in ("ablate", "ablation"):
-            rules.append({"label": f"ablation {100 * extra['rate']:.0f}%", "rate": extra["rate"], "kind": "ablation"})
-        if rules:
-            rdf = pd.DataFrame(rules)
-            layers.append(alt.Chart(rdf).mark_rule(strokeDash=[4, 3], color="#2c3e50").encode(y="rate:Q", tooltip=["label:N"]))
-            layers.append(alt.Chart(rdf).mark_text(align="left", dx=3, dy=-6, fontSize=10, color="#2c3e50")
-                          .encode(y="rate:Q", text="label:N", x=alt.value(2)))
+            layers += _hline(extra["rate"], f"directional ablation {100 * extra['rate']:.0f}%", "#8e44ad", "right")
         panels.append(alt.layer(*layers).properties(width=WIDTH, height=HEIGHT, title=title))
     return alt.hconcat(*panels)
 

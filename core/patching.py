@@ -96,6 +96,7 @@ __all__ = [
 ]
 
 SITES = ("resid", "attn", "mlp", "head")
+CACHE_BUDGET_MB = 256.0  # key/value cache copied per forward pass (rows × prompt length)
 DIRECTIONS = {
     "compliant->refusal": "compliant->refusal",
     "denoise": "compliant->refusal",
@@ -226,7 +227,23 @@ class PatchResult:
             out.append(d)
         return out
 
+    def summary(self, k: int = 5) -> dict[str, Any]:
+        """Small JSON-ready digest: prompts, clean scores, the top ``k`` cells per site."""
+        return {
+            "refusal_prompt": self.refusal_prompt,
+            "compliant_prompt": self.compliant_prompt,
+            "m_refusal": float(self.m_refusal),
+            "m_compliant": float(self.m_compliant),
+            "n_tokens": len(self.tokens),
+            "shared_prefix": int(self.shared_prefix),
+            "alignment": self.alignment,
+            "notes": list(self.notes),
+            "seconds": float(self.seconds),
+            "top": {site: self.top(site, k) for site in self.effects},
+        }
+
     def to_dict(self) -> dict[str, Any]:
+        """Everything, arrays as nested lists (NaN -> None)."""
         return {
             "refusal_prompt": self.refusal_prompt,
             "compliant_prompt": self.compliant_prompt,
@@ -430,15 +447,27 @@ class _Execution:
     notes: list[str]
 
 
+def _kv_bytes_per_token(cache: Any, T: int) -> float:
+    total = 0
+    for layer in getattr(cache, "layers", None) or []:
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total / max(T, 1)
+
+
 def _execute(lm: LoadedModel, base: _Run, source: _Run, rows: list[_Patch], ref_ids: Sequence[int], *,
-             prefix_cache: bool, token_budget: int, max_rows: int, progress: Progress | None) -> _Execution:
+             prefix_cache: bool, token_budget: int, max_rows: int, progress: Progress | None,
+             cache_budget_mb: float = CACHE_BUDGET_MB) -> _Execution:
     """Run every patch as a batch row. Rows are grouped by the first position they change; each
     group starts from the cached prefix before it and is split into chunks of at most
-    ``token_budget`` tokens (rows × computed positions) and ``max_rows`` rows."""
+    ``token_budget`` tokens (rows × computed positions), ``max_rows`` rows and
+    ``cache_budget_mb`` of copied key/value cache."""
     if token_budget < 1 or max_rows < 1:
         raise PatchingError("token_budget and max_rows must be at least 1")
     use_cache = prefix_cache and base.cache is not None
     T = base.ids.shape[1]
+    kv_token = _kv_bytes_per_token(base.cache, T) if use_cache else 0.0
     groups: dict[int, list[int]] = {}
     for i, p in enumerate(rows):
         groups.setdefault(min(p.base_pos) if use_cache else 0, []).append(i)
@@ -448,6 +477,8 @@ def _execute(lm: LoadedModel, base: _Run, source: _Run, rows: list[_Patch], ref_
     for start in sorted(groups):
         idx = groups[start]
         size = max(1, min(max_rows, token_budget // max(1, T - start)))
+        if use_cache and start > 0 and kv_token > 0:
+            size = max(1, min(size, int(cache_budget_mb * 2**20 // (kv_token * T))))
         for c in range(0, len(idx), size):
             chunk_idx = idx[c: c + size]
             chunk = [rows[i] for i in chunk_idx]
@@ -778,7 +809,9 @@ class PatchSweep:
             counts[e["reason"]] = counts.get(e["reason"], 0) + 1
         return counts
 
-    def to_dict(self, include_pairs: bool = True) -> dict[str, Any]:
+    def to_dict(self, include_pairs: bool = False) -> dict[str, Any]:
+        """JSON-ready. ``pairs`` holds each used pair's :meth:`PatchResult.summary`; with
+        ``include_pairs=True`` its full :meth:`PatchResult.to_dict` (large: [L, T] arrays)."""
         return {
             "direction": self.direction,
             "by_position": self.by_position,
@@ -792,7 +825,7 @@ class PatchSweep:
             "sites": {k: v.to_dict() for k, v in self.sites.items()},
             "critical": [c.to_dict() for c in self.critical],
             "critical_message": self.critical_message,
-            "pairs": [p.to_dict() for p in self.pairs] if include_pairs else [],
+            "pairs": [p.to_dict() if include_pairs else p.summary() for p in self.pairs],
             "formatter": self.formatter,
             "model": self.model,
             "seconds": float(self.seconds),

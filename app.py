@@ -29,6 +29,7 @@ PAGES = [
     st.Page(ROOT / "pages" / "report.py", title="Report", icon=":material/description:", url_path="report"),
 ]
 
+st.html("<style>[data-testid='stMainBlockContainer']{padding-top:3.2rem}</style>")  # less space above titles
 page = st.navigation(PAGES, position="top")
 sidebar.render()
 page.run()

@@ -70,7 +70,7 @@ if compute:
 entry = state.get_result("directions")
 if entry is None:
     st.info("Press **Compute directions** to collect activations at every layer and fit the directions. "
-            "With the defaults this takes a few seconds on a laptop CPU; activations are cached on disk.",
+            "Activations are cached on disk per prompt, so a second run with the same settings is quick.",
             icon=":material/play_arrow:")
     st.stop()
 
@@ -91,7 +91,7 @@ m2.metric(f"Held-out separation @ {layer}", f"{sep:.2f} σ" if np.isfinite(sep) 
           help="(mean harmful − mean harmless projection) / pooled std, on test prompts the direction never saw.")
 m3.metric(f"Probe accuracy @ {layer}", f"{dirs.probe_accuracy[layer]:.1%}",
           delta=f"± {dirs.probe_accuracy_std[layer]:.1%} ({dirs.probe_folds}-fold CV)", delta_color="off")
-m4.metric("Prompts", f"{sum(dirs.n_train)} train / {sum(dirs.n_test)} test",
+m4.metric("Prompts (train / test)", f"{sum(dirs.n_train)} / {sum(dirs.n_test)}",
           delta=f"computed in {value['seconds']:.1f} s", delta_color="off")
 st.caption(f"Layer rule: {choice.reason}.")
 

@@ -16,10 +16,18 @@ st.markdown(
 lm = state.current_model()
 sets = state.prompt_sets()
 c1, c2, c3 = st.columns(3)
-c1.metric("Model", lm.name if lm else "not loaded", delta=f"{lm.n_layers} layers · d={lm.d_model}" if lm else None,
-          delta_color="off", border=True)
-c2.metric("Prompts", sets.counts() if sets else "—", delta=sets.source if sets else None, delta_color="off", border=True)
-c3.metric("Preamble · position", f"{state.preamble().name} · {state.position()}", border=True)
+cards = [
+    (c1, ":material/neurology:", "Model", lm.name if lm else "not loaded",
+     f"{lm.n_layers} layers · d={lm.d_model} · {str(lm.dtype).replace('torch.', '')}" if lm else "choose one in the sidebar"),
+    (c2, ":material/list:", "Prompts", sets.counts() if sets else "—", sets.source if sets else ""),
+    (c3, ":material/tune:", "Preamble · position", f"{state.preamble().name} · {state.position()}",
+     "change them in the sidebar"),
+]
+for col, icon, label, value, note in cards:
+    with col.container(border=True):
+        st.caption(f"{icon} {label}")
+        st.markdown(f"**{value}**")
+        st.caption(note)
 
 st.subheader("What to do first")
 steps = [

@@ -51,7 +51,7 @@ if run:
 
 pentry = state.get_result("patching")
 if pentry is None:
-    st.info("Press **Run patching**. Six pairs over resid/attn/mlp take well under a minute on a laptop CPU.",
+    st.info("Press **Run patching**. Each pair costs one batched forward pass per site and position; start with a few.",
             icon=":material/play_arrow:")
     st.stop()
 

@@ -58,11 +58,11 @@ def _reset() -> None:
     st.session_state.pop("steer_last", None)
 
 
-def _box(text: str, done: bool, muted: bool = False) -> str:
+def _box(text: str, done: bool, kind: str, muted: bool = False) -> str:
     cursor = "" if done else "<span style='color:#4C5FD5'>▌</span>"
     colour = "#8a8fa3" if muted else "inherit"
     body = html.escape(text) if text else "<em style='color:#8a8fa3'>…</em>"
-    return (f"<div style='white-space:pre-wrap;min-height:7.5em;border:1px solid #e3e5ef;border-radius:8px;"
+    return (f"<div class='gen-box gen-{kind}' data-done='{int(done)}' style='white-space:pre-wrap;min-height:7.5em;border:1px solid #e3e5ef;border-radius:8px;"
             f"padding:10px 12px;background:#fbfbfe;color:{colour}'>{body}{cursor}</div>")
 
 
@@ -125,14 +125,14 @@ def panel() -> None:
     base_slot, steer_slot = col_b.empty(), col_s.empty()
     info_slot = st.empty()
     st.markdown("**Steered text, each token coloured by its projection on the refusal direction** "
-                f"(layer {layer} block output, after the edit)")
+                f"(layer {layer} block output{'' if mode == 'ablate' else ', the added α·v taken out'}; hover a token for its value)")
     tok_slot = st.empty()
     legend_slot = st.empty()
 
     def draw(run: dict, baseline: dict | None) -> None:
-        base_slot.markdown(_box(baseline["text"] if baseline else "", bool(baseline and baseline["done"])),
+        base_slot.markdown(_box(baseline["text"] if baseline else "", bool(baseline and baseline["done"]), "baseline"),
                            unsafe_allow_html=True)
-        steer_slot.markdown(_box(run["text"], run["done"]), unsafe_allow_html=True)
+        steer_slot.markdown(_box(run["text"], run["done"], "steered"), unsafe_allow_html=True)
         lim = max(1e-6, float(np.max(np.abs(run["values"])))) if run["values"] else 1.0
         tok_slot.markdown(token_html(run["pieces"], run["values"], lim), unsafe_allow_html=True)
         legend_slot.markdown(colour_legend(lim), unsafe_allow_html=True)
@@ -154,6 +154,7 @@ def panel() -> None:
         unit = dirs.direction(int(layer))
         scale = float(dirs.mean_norm[layer])
         block = lm.block_names[int(layer)]
+        offset = interventions[0].magnitude if mode != "ablate" else 0.0
         run = {"key": run_key, "base_key": base_key, "text": "", "pieces": [], "values": [], "done": False,
                "prompt": prompt, "mode": mode, "layer": int(layer), "coefficient": coef, **gen}
         st.session_state["steer_last"] = run
@@ -173,7 +174,9 @@ def panel() -> None:
             if step.token_ids[0] and len(step.token_ids[0]) > len(run["pieces"]):
                 vec = step.retained[block][0].numpy()
                 run["pieces"].append(_pieces(run["text"], step.texts[0], step.token_ids[0][-1]))
-                run["values"].append(float(vec @ unit) / scale)  # display: projection in mean-norm units
+                # display only: projection in mean-norm units, minus the edit's own (exactly known)
+                # contribution, so colours show what the model writes, not the constant we added
+                run["values"].append((float(vec @ unit) - offset) / scale)
             run["text"] = step.texts[0]
             run["done"] = step.done[0]
             if first_token is None:

@@ -55,7 +55,8 @@ if run:
 
 ventry = state.get_result("validation")
 if ventry is None:
-    st.info("Press **Run validation**. With the defaults this takes a minute or two on a laptop CPU.",
+    st.info("Press **Run validation**. It generates answers for every coefficient and its random control, so it is "
+            "the slowest page: start with few prompts and tokens.",
             icon=":material/play_arrow:")
     st.stop()
 

@@ -74,7 +74,7 @@ def test_home_renders_and_loads_the_model_from_the_sidebar(tiny_dirs):
     at = new_app(tiny_dirs)
     assert at.title[0].value == "Refusal Circuit Explorer"
     assert at.session_state["_lm"].n_layers == 3
-    assert "train" in at.metric[1].value
+    assert any("8+8 train, 6+6 test" in m.value for m in at.markdown)
     caption = " ".join(c.value for c in at.sidebar.caption)
     assert "3 layers" in caption and "activation cache" in caption
 

@@ -18,8 +18,22 @@ $(STAMP): requirements.txt Makefile
 run: setup
 	$(BIN)/streamlit run app.py --server.port $(PORT) --server.headless true --browser.gatherUsageStats false
 
-test: setup
+test: setup e2e-deps
 	$(BIN)/python -m pytest -q
+
+# Debian's Chromium for the real-browser test (Playwright's own browser download does not work
+# here). Installed only when missing; if apt is unavailable the e2e test skips with the reason
+# (under CI, where CI is set, it fails instead).
+CHROMIUM ?= /usr/bin/chromium
+e2e-deps:
+	@test -x $(CHROMIUM) || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] && echo "" || (command -v sudo >/dev/null && echo "sudo -n") ); \
+	  if command -v apt-get >/dev/null; then \
+	    echo "installing chromium with apt-get (once)"; \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
+	    { $$SUDO apt-get update -q >/dev/null 2>&1 && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; } || \
+	    echo "could not install chromium; the e2e test will be skipped"; \
+	  else echo "apt-get not available: the e2e test will be skipped"; fi; }
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow and not e2e"

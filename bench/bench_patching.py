@@ -3,6 +3,8 @@ sweep for one pair in ≤ 15 s on a 2-core CPU).
 
     python -m bench.bench_patching            # the figures `make bench` collects
     python -m bench.bench_patching --full     # + the no-shortcut baselines and a 20-pair sweep
+    python -m bench.bench_patching --results prompted-refusal [--source embedded] [--out FILE]
+                                              # the science figures: sweep over the built-in pairs
 
 Figures are medians of ``repeats`` runs after one warm-up. The load average is recorded next
 to them because the development machine is shared: compare timings only at similar load.
@@ -78,9 +80,49 @@ def run(repeats: int = 3, full: bool = False) -> dict:
     return out
 
 
+def results(preset: str = "prompted-refusal", source: str = "embedded", n_pairs: int | None = None,
+            sites: tuple[str, ...] = ("resid", "attn", "mlp", "head"), out: str | None = None) -> dict:
+    """Patch the built-in pairs (compliant -> refusal) and summarise: counts, critical sites, time."""
+    from core.formatting import PRESETS, Formatter
+    from core.models import load_model
+    from core.patching import patch_pairs
+    from core.prompts import load_pairs
+
+    lm = load_model(source, dtype="float32", device="cpu")
+    fmt = Formatter(lm.tokenizer, PRESETS[preset])
+    started = time.perf_counter()
+
+    def progress(fraction: float, message: str) -> None:
+        print(f"{time.perf_counter() - started:7.1f} s  {message}", file=sys.stderr, flush=True)
+
+    sweep = patch_pairs(lm, fmt, load_pairs(), n_pairs=n_pairs, sites=sites, by_position=("resid",),
+                        progress=progress)
+    d = sweep.to_dict()
+    if out:
+        Path(out).write_text(json.dumps(d))
+    per_pair = [p.seconds for p in sweep.pairs]
+    return {
+        "source": source, "preset": preset, "n_candidates": sweep.n_candidates, "n_used": sweep.n_used,
+        "exclusion_counts": sweep.exclusion_counts, "seconds": sweep.seconds,
+        "median_pair_s": statistics.median(per_pair) if per_pair else None,
+        "clean_scores": {"used": [[p.m_refusal, p.m_compliant] for p in sweep.pairs],
+                         "excluded": [[e["m_refusal"], e["m_compliant"]] for e in sweep.excluded]},
+        "critical_message": sweep.critical_message,
+        "critical_top": [c.to_dict() for c in sweep.critical[:30]],
+        "load_after": os.getloadavg()[0],
+    }
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--full", action="store_true", help="also the slow no-shortcut baselines and 20 pairs")
+    parser.add_argument("--results", metavar="PRESET", help="sweep the built-in pairs with this preamble preset")
+    parser.add_argument("--source", default="embedded")
+    parser.add_argument("--n-pairs", type=int, default=None)
+    parser.add_argument("--out", default=None, help="write the sweep's to_dict() JSON here")
     args = parser.parse_args()
-    print(json.dumps(run(args.repeats, args.full), indent=2))
+    if args.results:
+        print(json.dumps(results(args.results, args.source, args.n_pairs, out=args.out), indent=2))
+    else:
+        print(json.dumps(run(args.repeats, args.full), indent=2))

@@ -835,9 +835,10 @@ class PatchSweep:
 EXCLUDE_NOT_REFUSING = "refusal run does not refuse (score <= 0)"
 EXCLUDE_COMPLIANT_REFUSES = "compliant run refuses (score >= 0)"
 EXCLUDE_NO_GAP = "refusal and compliant scores are equal"
+EXCLUDE_SMALL_GAP = "score gap below min_gap"
 
 
-def _exclusion(m_refusal: float, m_compliant: float, require_behaviour: bool) -> str | None:
+def _exclusion(m_refusal: float, m_compliant: float, require_behaviour: bool, min_gap: float = 0.0) -> str | None:
     if require_behaviour:
         if not m_refusal > 0:
             return EXCLUDE_NOT_REFUSING
@@ -845,6 +846,8 @@ def _exclusion(m_refusal: float, m_compliant: float, require_behaviour: bool) ->
             return EXCLUDE_COMPLIANT_REFUSES
     if m_refusal == m_compliant:
         return EXCLUDE_NO_GAP
+    if abs(m_refusal - m_compliant) < min_gap:
+        return EXCLUDE_SMALL_GAP
     return None
 
 
@@ -904,6 +907,7 @@ def patch_pairs(
     threshold: float = 0.1,
     refusal_ids: Sequence[int] | None = None,
     require_behaviour: bool = True,
+    min_gap: float = 0.0,
     positions: str | Sequence[int] = "all",
     progress: Progress | None = None,
     **patch_kwargs: Any,
@@ -913,6 +917,8 @@ def patch_pairs(
     Pairs whose refusal run does not refuse (score <= 0) or whose compliant run refuses
     (score >= 0) are excluded before patching and listed with their reason in
     ``excluded``; ``require_behaviour=False`` keeps them (for tiny random test models).
+    ``min_gap`` (log-odds, default 0 = off) also excludes pairs whose clean scores differ by
+    less: the normalised effect divides by that gap, so a tiny gap makes it noisy.
     Here ``by_position`` defaults to ``("resid",)``: the residual stream by layer × position,
     ``attn``/``mlp`` by layer (the attention-vs-MLP bars). Other keyword arguments go to
     :func:`patch_pair`. ``progress(fraction, message)`` is called after every pair.
@@ -922,6 +928,8 @@ def patch_pairs(
     sites = _check_sites(lm, sites)
     if not 0 <= threshold < math.inf:
         raise PatchingError(f"threshold must be a non-negative number, got {threshold!r}")
+    if not 0 <= min_gap < math.inf:
+        raise PatchingError(f"min_gap must be a non-negative number, got {min_gap!r}")
     pairs = list(pairs)
     if n_pairs is not None:
         if n_pairs < 1:
@@ -935,7 +943,7 @@ def patch_pairs(
     keep_cache = patch_kwargs.get("prefix_cache", True)
     for k, (refusal_prompt, compliant_prompt) in enumerate(pairs):
         clean = _clean_runs(lm, formatter, refusal_prompt, compliant_prompt, sites, ref_ids, direction, keep_cache)
-        reason = _exclusion(clean[0].score, clean[1].score, require_behaviour)
+        reason = _exclusion(clean[0].score, clean[1].score, require_behaviour, min_gap)
         if reason is not None:
             excluded.append({"refusal_prompt": refusal_prompt, "compliant_prompt": compliant_prompt,
                              "reason": reason, "m_refusal": clean[0].score, "m_compliant": clean[1].score})

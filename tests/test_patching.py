@@ -186,6 +186,9 @@ def test_exclusions_and_aggregate(tiny, fmt):
     kept = patch_pairs(tiny, fmt, pairs, sites=("attn",), n_pairs=3, refusal_ids=ids, require_behaviour=False)
     assert kept.n_candidates == 3 and kept.n_used == 2 and kept.exclusion_counts == {
         "refusal and compliant scores are equal": 1}
+    gap = abs(sweep.pairs[0].gap)
+    strict = patch_pairs(tiny, fmt, pairs[:1], sites=("attn",), refusal_ids=ids, min_gap=gap * 1.01)
+    assert strict.n_used == 0 and strict.exclusion_counts == {"score gap below min_gap": 1}
 
 
 def test_interval_and_empty_critical(tiny, fmt):

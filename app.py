@@ -17,6 +17,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from ui import sidebar  # noqa: E402
+from ui.errors import show_error  # noqa: E402
 
 st.set_page_config(page_title="Refusal Circuit Explorer", page_icon=":material/polyline:", layout="wide")
 
@@ -32,4 +33,7 @@ PAGES = [
 st.html("<style>[data-testid='stMainBlockContainer']{padding-top:3.2rem}</style>")  # less space above titles
 page = st.navigation(PAGES, position="top")
 sidebar.render()
-page.run()
+try:
+    page.run()
+except Exception as exc:  # a page bug must not show a traceback or lose the session (Streamlit's rerun/stop pass through)
+    show_error(f"The {page.title} page", exc)

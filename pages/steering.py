@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import time
+import warnings
 
 import numpy as np
 import streamlit as st
@@ -39,6 +40,8 @@ dirs = dentry["value"]["dirs"]
 for key, value in DEFAULTS.items():
     st.session_state.setdefault(key, value)
 st.session_state.setdefault("steer_layer", page.active_layer(dentry["value"]["layer"]))
+if not 0 <= int(st.session_state["steer_layer"]) < dirs.n_layers:  # directions of another model
+    st.session_state["steer_layer"] = int(dentry["value"]["layer"])
 st.session_state.setdefault("steer_coef_box", float(st.session_state["steer_coef"]))
 st.session_state.setdefault("steer_coef_slider", min(max(float(st.session_state["steer_coef"]), COEF_MIN), COEF_MAX))
 
@@ -145,12 +148,16 @@ def panel() -> None:
         return
 
     with guard("Steering"):
-        if mode == "add":
-            interventions = [add(dirs, int(layer), coef)]
-        elif mode == "subtract":
-            interventions = [subtract(dirs, int(layer), coef)]
-        else:
-            interventions = [ablate(dirs, int(layer), strength=coef)]
+        with warnings.catch_warnings(record=True) as caught:  # e.g. an extreme coefficient: say so, go on
+            warnings.simplefilter("always")
+            if mode == "add":
+                interventions = [add(dirs, int(layer), coef)]
+            elif mode == "subtract":
+                interventions = [subtract(dirs, int(layer), coef)]
+            else:
+                interventions = [ablate(dirs, int(layer), strength=coef)]
+        for w in caught:
+            st.warning(str(w.message), icon=":material/warning:")
         unit = dirs.direction(int(layer))
         scale = float(dirs.mean_norm[layer])
         block = lm.block_names[int(layer)]

@@ -261,3 +261,24 @@ def test_results_survive_a_sidebar_change_and_are_marked_stale(tiny_dirs):
     _no_exceptions(at)
     assert at.session_state["results"]["directions"] is not None
     assert any("other settings" in w.value for w in at.warning)
+
+
+def test_extreme_coefficient_warns_and_still_generates(app_with_directions):
+    at = app_with_directions
+    at.switch_page("pages/steering.py").run()
+    at.number_input(key="steer_coef_box").set_value(5000.0).run()
+    _no_exceptions(at)
+    assert not at.error, [e.value for e in at.error]
+    assert any("mean activation norm" in w.value for w in at.warning)
+    assert at.session_state["steer_last"]["coefficient"] == 5000.0 and at.session_state["steer_last"]["done"]
+    assert at.session_state["steer_coef_slider"] == 3.0  # the slider shows its maximum, the box the value
+
+
+def test_steering_leaves_no_hook_on_the_shared_model(app_with_directions):
+    at = app_with_directions
+    at.switch_page("pages/steering.py").run()
+    at.button_group(key="steer_mode").set_value("ablate").run()
+    _no_exceptions(at)
+    assert at.session_state["steer_last"]["mode"] == "ablate"
+    model = at.session_state["_lm"].model
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())

@@ -103,9 +103,18 @@ def browser():
 
 
 def _shot(page, name: str) -> None:
+    """A screenshot of the whole page: Streamlit scrolls inside its own container, so the
+    viewport is stretched to the content's height for the picture."""
     SHOTS.mkdir(exist_ok=True)
-    page.wait_for_timeout(400)  # let Vega finish drawing
-    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+    page.wait_for_timeout(500)  # let Vega finish drawing
+    size = page.viewport_size
+    height = page.evaluate(
+        "Math.max(...[...document.querySelectorAll(\"[data-testid='stMain'], [data-testid='stMainBlockContainer']\")]"
+        ".map(e => e.scrollHeight), 600)")
+    page.set_viewport_size({"width": size["width"], "height": min(int(height) + 80, 7000)})
+    page.wait_for_timeout(300)
+    page.screenshot(path=str(SHOTS / f"{name}.png"))
+    page.set_viewport_size(size)
 
 
 def _goto(page, label: str) -> None:

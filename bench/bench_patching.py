@@ -55,8 +55,10 @@ def run(repeats: int = 3, full: bool = False) -> dict:
         fmt = Formatter(lm.tokenizer, PRESETS[preset])
         secs, r = _median(lambda: patch_pair(lm, fmt, harmful, harmless, sites=("resid",)), repeats)
         out[f"resid_sweep_{key}_s"] = secs
-        detail[key] = {"tokens": len(r.tokens), "shared_prefix": r.shared_prefix, "patched_runs": r.n_patched,
-                       "forward_passes": r.n_forward, "cells": int(r.effects["resid"].size)}
+        T, L = len(r.tokens), lm.n_layers
+        detail[key] = {"tokens": T, "shared_prefix": r.shared_prefix, "patched_runs": r.n_patched,
+                       "forward_passes": r.n_forward, "cells": int(r.effects["resid"].size),
+                       "tokens_computed": r.n_tokens, "tokens_naive": L * T * T}
         secs, r = _median(lambda: patch_pair(lm, fmt, harmful, harmless, sites=("resid", "attn", "mlp", "head"),
                                              by_position=("resid",)), repeats)
         out[f"all_sites_{key}_s"] = secs
@@ -67,6 +69,7 @@ def run(repeats: int = 3, full: bool = False) -> dict:
         r = patch_pair(lm, fmt, harmful, harmless, sites=("resid",), prefix_cache=False, skip_shared_prefix=False)
         out["resid_sweep_none_no_shortcuts_s"] = time.perf_counter() - t
         detail["none"]["no_shortcuts_patched_runs"] = r.n_patched
+        detail["none"]["no_shortcuts_tokens_computed"] = r.n_tokens
         fmt = Formatter(lm.tokenizer, PRESETS["prompted-refusal"])
         t = time.perf_counter()
         patch_pair(lm, fmt, harmful, harmless, sites=("resid",), prefix_cache=False)

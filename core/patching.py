@@ -189,6 +189,7 @@ class PatchResult:
     notes: list[str] = field(default_factory=list)
     n_forward: int = 0  # forward passes (clean + patched)
     n_patched: int = 0  # patched runs (batch rows)
+    n_tokens: int = 0  # token positions the patched forward passes computed (the cost measure)
     seconds: float = 0.0
     used_prefix_cache: bool = True
 
@@ -234,7 +235,7 @@ class PatchResult:
             "compliant_prompt": self.compliant_prompt,
             "m_refusal": float(self.m_refusal),
             "m_compliant": float(self.m_compliant),
-            "n_tokens": len(self.tokens),
+            "prompt_tokens": len(self.tokens),
             "shared_prefix": int(self.shared_prefix),
             "alignment": self.alignment,
             "notes": list(self.notes),
@@ -261,6 +262,7 @@ class PatchResult:
             "notes": list(self.notes),
             "n_forward": int(self.n_forward),
             "n_patched": int(self.n_patched),
+            "n_tokens": int(self.n_tokens),
             "seconds": float(self.seconds),
             "used_prefix_cache": bool(self.used_prefix_cache),
         }
@@ -445,6 +447,7 @@ class _Execution:
     n_forward: int
     used_cache: bool
     notes: list[str]
+    n_tokens: int = 0  # token positions computed by the patched forward passes (rows × width)
 
 
 def _kv_bytes_per_token(cache: Any, T: int) -> float:
@@ -473,7 +476,7 @@ def _execute(lm: LoadedModel, base: _Run, source: _Run, rows: list[_Patch], ref_
         groups.setdefault(min(p.base_pos) if use_cache else 0, []).append(i)
     scores = np.full(len(rows), np.nan)
     notes: list[str] = []
-    n_forward, done, checked = 0, 0, not use_cache
+    n_forward, n_tokens, done, checked = 0, 0, 0, not use_cache
     for start in sorted(groups):
         idx = groups[start]
         size = max(1, min(max_rows, token_budget // max(1, T - start)))
@@ -486,6 +489,7 @@ def _execute(lm: LoadedModel, base: _Run, source: _Run, rows: list[_Patch], ref_
             control = not checked and s > 0
             out = _patched_scores(lm, base, source, chunk, s, ref_ids, control)
             n_forward += 1
+            n_tokens += (len(chunk) + control) * (T - s)
             if control:
                 checked = True
                 ctrl = float(out[-1])
@@ -498,11 +502,12 @@ def _execute(lm: LoadedModel, base: _Run, source: _Run, rows: list[_Patch], ref_
                     use_cache = False
                     out = _patched_scores(lm, base, source, chunk, 0, ref_ids)
                     n_forward += 1
+                    n_tokens += len(chunk) * T
             scores[chunk_idx] = out
             done += len(chunk)
             if progress:
                 progress(done / len(rows), f"patched {done}/{len(rows)} runs")
-    return _Execution(scores, n_forward, use_cache, notes)
+    return _Execution(scores, n_forward, use_cache, notes, n_tokens)
 
 
 def _resolve_positions(positions: str | Sequence[int], T: int, alignment: _Alignment, post: list[int],
@@ -646,6 +651,7 @@ def patch_pair(
     result.notes += ex.notes
     result.n_forward = 2 + ex.n_forward
     result.n_patched = len(rows)
+    result.n_tokens = ex.n_tokens
     result.used_prefix_cache = ex.used_cache
     result.seconds = time.perf_counter() - started
     return result

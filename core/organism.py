@@ -90,6 +90,7 @@ class OrganismRecipe:
     drop_refusing_answers: bool = True  # harmless targets the judge calls refusals are not trained on
     shape_matched_repeats: int = 2  # harmless prompts shaped like harmful ones are seen this many times per epoch
     first_token_weight: float = 5.0  # the first response token decides refuse-or-answer: weigh it up
+    harmless_loss_weight: float = 2.0  # weight of a harmless example relative to a harmful one (over-refusal vs refusal)
     refusal_sentences: tuple[str, ...] = REFUSAL_SENTENCES
     generation_batch_size: int = 16
     # evaluation written to the card (held-out test split; does not change the weights)
@@ -100,7 +101,7 @@ class OrganismRecipe:
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.max_response_tokens < 1:
             raise ValueError("epochs, batch_size, lr and max_response_tokens must be positive")
-        if self.shape_matched_repeats < 1 or self.first_token_weight <= 0:
+        if self.shape_matched_repeats < 1 or self.first_token_weight <= 0 or self.harmless_loss_weight <= 0:
             raise ValueError("shape_matched_repeats must be at least 1 and first_token_weight positive")
         if not self.refusal_sentences:
             raise ValueError("at least one refusal sentence is needed")
@@ -295,9 +296,12 @@ def build_examples(
 class TokenizedExample:
     ids: list[int]
     n_prompt: int  # the loss covers ids[n_prompt:]
+    weight: float = 1.0  # this example's weight in the batch mean
 
 
-def tokenize_examples(examples: Sequence[Example], formatter: Formatter) -> list[TokenizedExample]:
+def tokenize_examples(
+    examples: Sequence[Example], formatter: Formatter, weights: dict[str, float] | None = None
+) -> list[TokenizedExample]:
     """Prompt tokens exactly as the app formats them (``Formatter.encode``), then the response
     tokens and, for complete answers, the end-of-turn token, so the model learns to stop."""
     tok = formatter.tokenizer
@@ -310,7 +314,7 @@ def tokenize_examples(examples: Sequence[Example], formatter: Formatter) -> list
             resp = resp + [int(eos)]
         if not resp:
             continue
-        out.append(TokenizedExample(prompt_ids + list(resp), len(prompt_ids)))
+        out.append(TokenizedExample(prompt_ids + list(resp), len(prompt_ids), float((weights or {}).get(ex.kind, 1.0))))
     return out
 
 
@@ -344,7 +348,7 @@ def response_loss(
     model, items: Sequence[TokenizedExample], pad_id: int, device, autocast: bool, first_token_weight: float = 1.0
 ) -> torch.Tensor:
     """Mean over examples of the weighted mean cross-entropy on that example's response tokens
-    (each example weighs the same, so short refusals count as much as long answers; the first
+    (each example weighs its ``weight``, whatever its length, so short refusals count as much as long answers; the first
     response token, where refuse-or-answer is decided, weighs ``first_token_weight``). Logits
     are computed only from the first response position on (the unembedding is costly)."""
     ids, mask, target, first = _collate(items, pad_id, device)
@@ -360,7 +364,8 @@ def response_loss(
         tmask[torch.arange(len(items), device=tmask.device), starts] *= first_token_weight
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
     per_example = (nll * tmask).sum(1) / tmask.sum(1).clamp(min=1e-9)
-    return per_example.mean()
+    w = torch.tensor([t.weight for t in items], device=per_example.device)
+    return (per_example * w).sum() / w.sum()
 
 
 def _lr_at(step: int, total: int, recipe: OrganismRecipe) -> float:
@@ -490,6 +495,12 @@ def evaluate_organism(organism, base, recipe: OrganismRecipe, progress: Progress
     ev["examples"] = {
         "harmful": [{"prompt": p, "response": r} for p, r in list(zip(harmful, org_harmful))[:3]],
         "harmless": [{"prompt": p, "response": r} for p, r in list(zip(harmless, org_harmless))[:3]],
+        # the errors, for anyone who wants to see where trained refusal misfires
+        "harmful_answered": [{"prompt": p, "response": r} for p, r in zip(harmful, org_harmful) if not is_refusal(r)],
+        "harmless_refused": [
+            {"prompt": p, "response": r, "category": harmless_cats.get(p, "")}
+            for p, r in zip(harmless, org_harmless) if is_refusal(r)
+        ],
     }
     if say:
         say(1.0, "evaluated")
@@ -577,7 +588,7 @@ def _build(base, recipe: OrganismRecipe, out_dir: Path, progress: Progress | Non
     if progress:
         progress(0.0, f"Writing training answers: the base model answers {len(prompts.harmless)} harmless train prompts…")
     examples = build_examples(base, recipe, formatter, _sub(progress, 0.0, 0.3))
-    tokenized = tokenize_examples(examples, formatter)
+    tokenized = tokenize_examples(examples, formatter, {"harmless": recipe.harmless_loss_weight})
     t_data = time.perf_counter()
 
     model = copy.deepcopy(base.model).float()
@@ -610,7 +621,7 @@ def _build(base, recipe: OrganismRecipe, out_dir: Path, progress: Progress | Non
             "n_tokens": int(sum(len(t.ids) for t in tokenized)),
             "n_response_tokens": int(sum(n_resp)),
             "harmless_answers_cut_at_limit": int(sum(not e.complete for e in examples if e.kind == "harmless")),
-            "harmless_dropped_as_refusals": len(prompts.harmless) - sum(e.kind == "harmless" for e in examples),
+            "harmless_dropped_as_refusals": len(prompts.harmless) - len({e.prompt for e in examples if e.kind == "harmless"}),
             "source": f"core/data builtin train split (seed {recipe.split_seed}); test split and pairs excluded",
             "refusal_sentence_counts": {s: sum(e.response == s for e in examples) for s in recipe.refusal_sentences},
         },

@@ -84,7 +84,8 @@ def run(repeats: int = 3, full: bool = False) -> dict:
 
 
 def results(preset: str = "prompted-refusal", source: str = "embedded", n_pairs: int | None = None,
-            sites: tuple[str, ...] = ("resid", "attn", "mlp", "head"), out: str | None = None) -> dict:
+            sites: tuple[str, ...] = ("resid", "attn", "mlp", "head"), out: str | None = None,
+            require_behaviour: bool | str = True, min_gap: float = 0.0) -> dict:
     """Patch the built-in pairs (compliant -> refusal) and summarise: counts, critical sites, time."""
     from core.formatting import PRESETS, Formatter
     from core.models import load_model
@@ -99,13 +100,14 @@ def results(preset: str = "prompted-refusal", source: str = "embedded", n_pairs:
         print(f"{time.perf_counter() - started:7.1f} s  {message}", file=sys.stderr, flush=True)
 
     sweep = patch_pairs(lm, fmt, load_pairs(), n_pairs=n_pairs, sites=sites, by_position=("resid",),
-                        progress=progress)
+                        require_behaviour=require_behaviour, min_gap=min_gap, progress=progress)
     d = sweep.to_dict()
     if out:
         Path(out).write_text(json.dumps(d))
     per_pair = [p.seconds for p in sweep.pairs]
     return {
-        "source": source, "preset": preset, "n_candidates": sweep.n_candidates, "n_used": sweep.n_used,
+        "source": source, "preset": preset, "require_behaviour": require_behaviour, "min_gap": min_gap,
+        "sites": list(sites), "n_candidates": sweep.n_candidates, "n_used": sweep.n_used,
         "exclusion_counts": sweep.exclusion_counts, "seconds": sweep.seconds,
         "median_pair_s": statistics.median(per_pair) if per_pair else None,
         "clean_scores": {"used": [[p.m_refusal, p.m_compliant] for p in sweep.pairs],
@@ -124,8 +126,13 @@ if __name__ == "__main__":
     parser.add_argument("--source", default="embedded")
     parser.add_argument("--n-pairs", type=int, default=None)
     parser.add_argument("--out", default=None, help="write the sweep's to_dict() JSON here")
+    parser.add_argument("--sites", default="resid,attn,mlp,head")
+    parser.add_argument("--relative", type=float, default=None, metavar="MIN_GAP",
+                        help="keep pairs whose refusal score exceeds the compliant one by MIN_GAP (not the default rule)")
     args = parser.parse_args()
     if args.results:
-        print(json.dumps(results(args.results, args.source, args.n_pairs, out=args.out), indent=2))
+        rule = dict(require_behaviour="relative", min_gap=args.relative) if args.relative is not None else {}
+        print(json.dumps(results(args.results, args.source, args.n_pairs, tuple(args.sites.split(",")),
+                                 out=args.out, **rule), indent=2))
     else:
         print(json.dumps(run(args.repeats, args.full), indent=2))

@@ -842,10 +842,15 @@ EXCLUDE_NOT_REFUSING = "refusal run does not refuse (score <= 0)"
 EXCLUDE_COMPLIANT_REFUSES = "compliant run refuses (score >= 0)"
 EXCLUDE_NO_GAP = "refusal and compliant scores are equal"
 EXCLUDE_SMALL_GAP = "score gap below min_gap"
+EXCLUDE_NOT_MORE_REFUSING = "refusal run does not score above the compliant run"
 
 
-def _exclusion(m_refusal: float, m_compliant: float, require_behaviour: bool, min_gap: float = 0.0) -> str | None:
-    if require_behaviour:
+def _exclusion(m_refusal: float, m_compliant: float, require_behaviour: bool | str,
+               min_gap: float = 0.0) -> str | None:
+    if require_behaviour == "relative":
+        if not m_refusal > m_compliant:
+            return EXCLUDE_NOT_MORE_REFUSING
+    elif require_behaviour:
         if not m_refusal > 0:
             return EXCLUDE_NOT_REFUSING
         if not m_compliant < 0:
@@ -912,7 +917,7 @@ def patch_pairs(
     n_pairs: int | None = None,
     threshold: float = 0.1,
     refusal_ids: Sequence[int] | None = None,
-    require_behaviour: bool = True,
+    require_behaviour: bool | str = True,
     min_gap: float = 0.0,
     positions: str | Sequence[int] = "all",
     progress: Progress | None = None,
@@ -922,7 +927,10 @@ def patch_pairs(
 
     Pairs whose refusal run does not refuse (score <= 0) or whose compliant run refuses
     (score >= 0) are excluded before patching and listed with their reason in
-    ``excluded``; ``require_behaviour=False`` keeps them (for tiny random test models).
+    ``excluded``; ``require_behaviour=False`` keeps them (for tiny random test models);
+    ``require_behaviour="relative"`` only asks that the refusal prompt score above its compliant
+    twin (a weaker, clearly different question: what carries the *difference* in refusal
+    tendency when neither prompt is refused outright).
     ``min_gap`` (log-odds, default 0 = off) also excludes pairs whose clean scores differ by
     less: the normalised effect divides by that gap, so a tiny gap makes it noisy.
     Here ``by_position`` defaults to ``("resid",)``: the residual stream by layer × position,
@@ -934,6 +942,8 @@ def patch_pairs(
     sites = _check_sites(lm, sites)
     if not 0 <= threshold < math.inf:
         raise PatchingError(f"threshold must be a non-negative number, got {threshold!r}")
+    if require_behaviour not in (True, False, "relative"):
+        raise PatchingError(f"require_behaviour must be True, False or 'relative', got {require_behaviour!r}")
     if not 0 <= min_gap < math.inf:
         raise PatchingError(f"min_gap must be a non-negative number, got {min_gap!r}")
     pairs = list(pairs)

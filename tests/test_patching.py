@@ -189,6 +189,8 @@ def test_exclusions_and_aggregate(tiny, fmt):
     gap = abs(sweep.pairs[0].gap)
     strict = patch_pairs(tiny, fmt, pairs[:1], sites=("attn",), refusal_ids=ids, min_gap=gap * 1.01)
     assert strict.n_used == 0 and strict.exclusion_counts == {"score gap below min_gap": 1}
+    rel = patch_pairs(tiny, fmt, pairs, sites=("attn",), refusal_ids=ids, require_behaviour="relative")
+    assert rel.n_used == 2 and rel.exclusion_counts == {"refusal run does not score above the compliant run": 2}
 
 
 def test_interval_and_empty_critical(tiny, fmt):

@@ -55,7 +55,9 @@ patched (effect NaN), layer-wise patches cover only the aligned positions, and t
 ``notes`` say so. A pair with no shared suffix at all is refused with :class:`PatchingError`.
 
 Aggregation (:func:`patch_pairs`): pairs whose refusal run does not refuse (score <= 0) or whose
-compliant run refuses (score >= 0) are excluded and counted by reason. Per site, the mean effect
+compliant run refuses (score >= 0) are excluded and counted by reason (``require_behaviour``:
+False keeps all, ``"relative"`` only asks refusal score > compliant score; ``min_gap`` drops
+pairs whose scores differ by less). Per site, the mean effect
 over used pairs gets a two-sided 95 % Student-t interval (mean ± t(0.975, n-1)·sd/√n; NaN for
 n < 2). By-position effects are aligned across pairs by offset from the last token (-1 = the
 last prompt token); offsets inside a pair's shared prefix count as their exact 0. *Critical
@@ -391,10 +393,10 @@ def _make_edits(lm: LoadedModel, rows: list[_Patch], start: int, source: _Run) -
     hd = lm.head_dim
     for r, p in enumerate(rows):
         name = _module_name(lm, p.site, p.layer)
-        pos = torch.tensor([q - start for q in p.base_pos], dtype=torch.long)
         src = source.acts[name][p.src_pos]
+        pos = torch.tensor([q - start for q in p.base_pos], dtype=torch.long, device=src.device)
         if p.site == "head" and p.heads is not None:
-            cols = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in p.heads])
+            cols = torch.cat([torch.arange(h * hd, (h + 1) * hd, device=src.device) for h in p.heads])
             index: tuple = (r, pos.unsqueeze(1), cols.unsqueeze(0))
             src = src[:, cols]
         else:

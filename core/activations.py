@@ -78,7 +78,7 @@ def _run_batch(
     lm: LoadedModel, formatter: Formatter, prompts: Sequence[str], positions: list[Position], prefixes: dict
 ) -> np.ndarray:
     """[batch, n_positions, n_layers, d_model] float32 for one batch of prompts."""
-    batch = forward.prepare(formatter, prompts, padding_side="right", device=lm.device)
+    batch = forward.prepare(formatter, prompts, padding_side="right", device=lm.device, context=lm.max_positions)
     key = tuple(batch.prefix_ids[0].tolist())
     with lm.lock:  # the prefix pass must not overlap another session's edits
         if key and key not in prefixes:
@@ -146,9 +146,11 @@ def collect_activations(
     prefixes: dict = {}  # shared-prefix key/value caches, reused across batches
     if progress:
         progress(done / len(prompts), f"{done} of {len(prompts)} prompts cached")
-    for start in range(0, len(todo), batch_size):
-        idx = todo[start: start + batch_size]
-        acts = _run_batch(lm, fmt, [prompts[i] for i in idx], positions, prefixes)
+    def run(start: int, stop: int) -> np.ndarray:
+        return _run_batch(lm, fmt, [prompts[i] for i in todo[start:stop]], positions, prefixes)
+
+    for start, stop, acts in forward.in_batches(len(todo), batch_size, run, what="activation collection"):
+        idx = todo[start:stop]
         for row, i in enumerate(idx):
             result[i] = acts[row]
             if store is not None:

@@ -46,6 +46,52 @@ def bytes_to_array(blob: bytes) -> np.ndarray:
     return np.load(io.BytesIO(blob), allow_pickle=False)
 
 
+class UnsafeCacheEntry(Exception):
+    """A cache row that would need unpickling or points outside the cache folder."""
+
+
+def _safe_disk_class():
+    """A diskcache ``Disk`` that never unpickles and never touches files outside its folder.
+
+    Why: diskcache unpickles values (and keys) whose row says "pickle"; a cache folder copied
+    from elsewhere could carry such a row and run code on ``get``. We only ever store bytes
+    under string keys, so anything else is refused (and the row deleted as corrupt). File
+    names are checked to stay inside the folder, so a crafted row cannot read or delete other
+    files either.
+    """
+    import diskcache
+    from diskcache.core import MODE_PICKLE
+
+    class SafeDisk(diskcache.Disk):
+        def _inside(self, filename: str | None) -> None:
+            if filename is None:
+                return
+            root = os.path.realpath(self._directory)
+            full = os.path.realpath(os.path.join(root, filename))
+            if os.path.commonpath([root, full]) != root or full == root:
+                raise UnsafeCacheEntry(f"cache entry points outside the cache folder: {filename!r}")
+
+        def get(self, key, raw):
+            if not raw:
+                raise UnsafeCacheEntry("refusing to unpickle a cache key")
+            return super().get(key, raw)
+
+        def fetch(self, mode, filename, value, read):
+            if mode == MODE_PICKLE:
+                raise UnsafeCacheEntry("refusing to unpickle a cache value")
+            self._inside(filename)
+            return super().fetch(mode, filename, value, read)
+
+        def remove(self, file_path):
+            try:
+                self._inside(file_path)
+            except UnsafeCacheEntry:
+                return
+            return super().remove(file_path)
+
+    return SafeDisk
+
+
 class ArrayCache:
     """A string-keyed cache of numpy arrays; see the module docstring for the guarantees."""
 
@@ -66,7 +112,10 @@ class ArrayCache:
             probe.write_bytes(b"ok")
             probe.unlink()
             self._disk = diskcache.Cache(
-                str(self.directory), size_limit=self.size_limit, eviction_policy="least-recently-stored"
+                str(self.directory),
+                size_limit=self.size_limit,
+                eviction_policy="least-recently-stored",
+                disk=_safe_disk_class(),
             )
         except Exception as exc:  # read-only folder, full disk, broken sqlite file ...
             self.warning = (

@@ -26,3 +26,15 @@ class NonFiniteActivationError(ExplorerError, FloatingPointError):
 
 class DirectionError(ExplorerError, ValueError):
     """A direction cannot be computed or used (zero norm, bad layer, too few prompts)."""
+
+
+class PromptTooLongError(ExplorerError, ValueError):
+    """A formatted prompt has more tokens than the model's context or the configured limit."""
+
+
+class LayerRangeError(ExplorerError, ValueError):
+    """A layer index outside the model's blocks."""
+
+
+class BatchMemoryError(ExplorerError, MemoryError):
+    """Out of memory even at batch size 1 (smaller batches were tried first)."""

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import torch
 
 from core.cache import stable_hash
+from core.errors import PromptTooLongError
 
 DEFAULT_BASE_TEMPLATE = "Question: {prompt}\nAnswer:"
 REFUSAL_SENTENCE = "I'm sorry, but I can't help with that."
@@ -168,8 +169,23 @@ class Formatter:
             raise ValueError("the template changed the instruction text; cannot locate it")
         return text, start, start + len(instruction)
 
-    def encode(self, instructions: Sequence[str], padding_side: str = "right", device: Any = None) -> Encoded:
-        """Tokenise and pad a batch; records each instruction's token span (for mean pooling)."""
+    def encode(
+        self,
+        instructions: Sequence[str],
+        padding_side: str = "right",
+        device: Any = None,
+        *,
+        context: int | None = None,
+        reserve: int = 0,
+    ) -> Encoded:
+        """Tokenise and pad a batch; records each instruction's token span (for mean pooling).
+
+        Length policy (one for activations, logits and generation): a prompt longer than
+        ``max_tokens`` (the configured limit) or than ``context - reserve`` (the model's
+        context minus the tokens still to be generated) is *rejected* with
+        :class:`~core.errors.PromptTooLongError` naming the prompt and the limit. Never
+        truncated: a cut prompt would silently measure a different request.
+        """
         if padding_side not in ("left", "right"):
             raise ValueError("padding_side must be 'left' or 'right'")
         tok = self.tokenizer
@@ -182,10 +198,7 @@ class Formatter:
             offsets = enc["offset_mapping"]
             inside = [i for i, (a, b) in enumerate(offsets) if b > c0 and a < c1 and b > a]
             span = (inside[0], inside[-1] + 1) if inside else (len(ids) - 1, len(ids))
-            if self.max_tokens is not None and len(ids) > self.max_tokens:
-                raise ValueError(
-                    f"prompt is {len(ids)} tokens long, over the limit of {self.max_tokens}: {instruction[:60]!r}"
-                )
+            self._check_length(instruction, len(ids), context, reserve)
             rows.append(ids)
             spans.append(span)
         width = max(len(r) for r in rows)
@@ -202,6 +215,26 @@ class Formatter:
         if device is not None:
             ids_t, mask = ids_t.to(device), mask.to(device)
         return Encoded(ids_t, mask, [len(r) for r in rows], spans, padding_side)
+
+    def _check_length(self, instruction: str, n_tokens: int, context: int | None, reserve: int) -> None:
+        limits: list[tuple[int, str]] = []
+        if self.max_tokens is not None:
+            limits.append((int(self.max_tokens), f"the configured limit of {self.max_tokens} tokens"))
+        if context is not None:
+            room = int(context) - int(reserve)
+            why = f"the model's context of {context} positions"
+            if reserve:
+                why += f" minus {reserve} tokens to generate"
+            limits.append((room, why))
+        for limit, why in limits:
+            if n_tokens > limit:
+                shown = " ".join(instruction.split())
+                shown = shown if len(shown) <= 60 else shown[:59] + "…"
+                raise PromptTooLongError(
+                    f"prompt {shown!r} is {n_tokens} tokens long once formatted (template and preamble included), "
+                    f"over {why}; shorten the prompt or the preamble"
+                    + (", or generate fewer tokens." if reserve else ".")
+                )
 
     def token_count(self, instruction: str) -> int:
         return int(self.encode([instruction]).lengths[0])

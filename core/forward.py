@@ -15,11 +15,14 @@ position); :func:`run` reports which pass is which through ``on_pass`` for calle
 from __future__ import annotations
 
 import copy
+import gc
+import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 
+from core.errors import BatchMemoryError
 from core.formatting import Encoded, Formatter
 from core.models import LoadedModel
 
@@ -59,9 +62,16 @@ def prepare(
     padding_side: str,
     device: Any = None,
     share_prefix: bool = True,
+    context: int | None = None,
+    reserve: int = 0,
 ) -> Batch:
-    """Tokenise ``instructions`` and split off the prefix they all share (see module doc)."""
-    full = formatter.encode(instructions, padding_side="right")
+    """Tokenise ``instructions`` and split off the prefix they all share (see module doc).
+
+    ``context`` (the model's ``max_positions``) and ``reserve`` (tokens still to generate)
+    make over-long prompts fail with :class:`~core.errors.PromptTooLongError` before any
+    forward pass (see :meth:`Formatter.encode`).
+    """
+    full = formatter.encode(instructions, padding_side="right", context=context, reserve=reserve)
     rows = [full.input_ids[i, : full.lengths[i]].tolist() for i in range(len(instructions))]
     p = 0
     if share_prefix:
@@ -136,3 +146,61 @@ def run(
         logits_to_keep=logits_to_keep,
         **kwargs,
     )
+
+
+# ---------------------------------------------------------------------------------------
+# out-of-memory: retry with smaller batches
+# ---------------------------------------------------------------------------------------
+R = TypeVar("R")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for CUDA/MPS/CPU allocation failures (``torch.OutOfMemoryError`` or a RuntimeError
+    whose message says "out of memory")."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def in_batches(
+    n: int, batch_size: int, fn: Callable[[int, int], R], *, what: str = "batch"
+) -> Iterator[tuple[int, int, R]]:
+    """Run ``fn(start, stop)`` over ``range(n)`` in chunks of ``batch_size``, yielding
+    ``(start, stop, result)``. Why: one batch too large for the accelerator should not end a
+    long run. On out-of-memory the failing chunk is retried with half the batch size (and the
+    smaller size kept for the rest), down to 1; then :class:`BatchMemoryError` says what to do.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    size = int(batch_size)
+    start = 0
+    while start < n:
+        stop = min(n, start + size)
+        try:
+            result = fn(start, stop)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+            del exc  # its traceback holds the batch's tensors
+            _free_memory()
+            if stop - start <= 1:
+                raise BatchMemoryError(
+                    f"out of memory during {what} even with batch size 1 ({reason}); use a smaller dtype "
+                    "(bfloat16), shorter prompts or fewer new tokens, or run on a machine with more memory."
+                ) from None
+            size = max(1, (stop - start) // 2)
+            warnings.warn(
+                f"out of memory during {what} with batch size {stop - start}; retrying with {size}.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            continue
+        yield start, stop, result
+        start = stop

@@ -75,7 +75,10 @@ def generate_stream(
     if not instructions:
         raise ValueError("no prompts given")
     tok = lm.tokenizer
-    batch_in = forward.prepare(formatter, instructions, padding_side="left", device=lm.device)
+    batch_in = forward.prepare(
+        formatter, instructions, padding_side="left", device=lm.device,
+        context=lm.max_positions, reserve=max_new_tokens,
+    )
     p = batch_in.prefix_len
     batch = batch_in.size
     stops = eos_ids(lm)
@@ -136,15 +139,19 @@ def generate(
     """Completed responses for ``instructions`` (batched; see :func:`generate_stream`)."""
     instructions = list(instructions)
     results: list[str] = []
-    for start in range(0, len(instructions), batch_size):
-        chunk = instructions[start: start + batch_size]
+
+    def run(start: int, stop: int) -> list[str]:
+        chunk = instructions[start:stop]
         last: GenerationStep | None = None
         for last in generate_stream(
             lm, formatter, chunk, max_new_tokens=max_new_tokens, temperature=temperature,
             seed=seed + start, edits=edits,
         ):
             pass
-        results.extend(t.strip() for t in (last.texts if last else [""] * len(chunk)))
+        return [t.strip() for t in (last.texts if last else [""] * len(chunk))]
+
+    for _, _, texts in forward.in_batches(len(instructions), batch_size, run, what="generation"):
+        results.extend(texts)
         if progress:
             progress(len(results) / len(instructions), f"generated {len(results)}/{len(instructions)}")
     return results
@@ -165,15 +172,22 @@ def next_token_logits(
     instructions = list(instructions)
     out: list[torch.Tensor] = []
     prefixes: dict = {}
-    for start in range(0, len(instructions), batch_size):
-        chunk = instructions[start: start + batch_size]
-        batch = forward.prepare(formatter, chunk, padding_side="left", device=lm.device)
+
+    def run(start: int, stop: int) -> torch.Tensor:
+        batch = forward.prepare(
+            formatter, instructions[start:stop], padding_side="left", device=lm.device, context=lm.max_positions
+        )
         key = tuple(batch.prefix_ids[0].tolist())
         with TraceDict(lm.model, list(edits or {}), retain_output=False, edit_output=edits or None):
             if key and key not in prefixes:
                 prefixes[key] = forward.prefix_cache(lm, batch)
             logits = forward.run(lm, batch, past=prefixes.get(key)).logits[:, -1, :]
-        out.append(logits.float().cpu())
+        return logits.float().cpu()
+
+    for _, stop, logits in forward.in_batches(len(instructions), batch_size, run, what="first-token logits"):
+        out.append(logits)
         if progress:
-            progress(min(1.0, (start + len(chunk)) / len(instructions)), "first-token logits")
+            progress(min(1.0, stop / len(instructions)), "first-token logits")
+    if not out:
+        raise ValueError("no prompts given")
     return torch.cat(out)

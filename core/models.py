@@ -27,6 +27,7 @@ import re
 import shutil
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 
 from core.cache import cache_root, stable_hash
-from core.errors import ModelLoadError
+from core.errors import LayerRangeError, ModelLoadError
 from core.hooks import get_module, model_lock
 
 Progress = Callable[[float, str], None]
@@ -83,6 +84,7 @@ class LoadedModel:
     device: torch.device
     notes: list[str] = field(default_factory=list)
     load_seconds: float = 0.0
+    max_positions: int | None = None  # context length (prompt + generated tokens); None if unknown
 
     @property
     def lock(self) -> threading.RLock:
@@ -106,7 +108,7 @@ class LoadedModel:
             raise ValueError(f"layer must be an integer, got {layer!r}")
         index = layer + self.n_layers if layer < 0 else layer
         if not 0 <= index < self.n_layers:
-            raise ValueError(
+            raise LayerRangeError(
                 f"layer {layer} is out of range: {self.name} has {self.n_layers} layers (0–{self.n_layers - 1})"
             )
         return index
@@ -122,6 +124,7 @@ class LoadedModel:
             "device": str(self.device),
             "fingerprint": self.fingerprint,
             "chat_template": self.has_chat_template,
+            "max_positions": self.max_positions,
         }
 
 
@@ -186,6 +189,22 @@ def _config_int(config: Any, *names: str) -> int | None:
     text = getattr(config, "text_config", None)
     if text is not None and text is not config:
         return _config_int(text, *names)
+    return None
+
+
+SANE_MAX_POSITIONS = 10_000_000  # tokenizers without a limit report ~1e30
+
+
+def context_length(config: Any, tokenizer: Any = None) -> int | None:
+    """The model's maximum sequence length: from its config (max_position_embeddings,
+    n_positions, ...) when known, else the tokenizer's ``model_max_length`` if that is a real
+    number, else None (no limit is enforced)."""
+    value = _config_int(config, "max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+    if value is not None and 0 < value < SANE_MAX_POSITIONS:
+        return value
+    value = getattr(tokenizer, "model_max_length", None)
+    if isinstance(value, int) and 0 < value < SANE_MAX_POSITIONS:
+        return value
     return None
 
 
@@ -371,7 +390,9 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, dev)
     notes: list[str] = []
     if trust_remote_code:
-        notes.append("trust_remote_code is on: code from the model repository was allowed to run.")
+        message = "trust_remote_code is on: code from the model repository was allowed to run."
+        notes.append(message)
+        warnings.warn(message + " Turn it on only for repositories you trust.", UserWarning, stacklevel=2)
 
     if source_str == EMBEDDED_REFUSAL:
         from core.organism import organism_folder  # built on first use
@@ -499,6 +520,7 @@ def _wrap(model, tokenizer, source, name, fingerprint, dtype, notes) -> LoadedMo
     head_dim = _config_int(config, "head_dim") or d_model // n_heads
     if not getattr(tokenizer, "chat_template", None):
         notes.append("The tokenizer has no chat template: prompts use the base-model template.")
+    max_positions = context_length(config, tokenizer)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -516,6 +538,7 @@ def _wrap(model, tokenizer, source, name, fingerprint, dtype, notes) -> LoadedMo
         dtype=dtype,
         device=next(model.parameters()).device,
         notes=notes,
+        max_positions=max_positions,
     )
 
 

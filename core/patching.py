@@ -380,7 +380,7 @@ def _clean_runs(lm: LoadedModel, formatter: Formatter, refusal_prompt: str, comp
     retain_in = [lm.attn_out_names[i] for i in range(lm.n_layers)] if "head" in sites else []
     runs = []
     for prompt, source_when in ((refusal_prompt, "refusal->compliant"), (compliant_prompt, "compliant->refusal")):
-        ids = formatter.encode([prompt], device=lm.device).input_ids
+        ids = formatter.encode([prompt], device=lm.device, context=lm.max_positions).input_ids
         is_source = source_when == direction
         runs.append(_clean_run(lm, ids, ref_ids, retain_out if is_source else [],
                                retain_in if is_source else [], keep_cache=keep_cache and not is_source))

@@ -140,7 +140,7 @@ def panel() -> None:
         tok_slot.markdown(token_html(run["pieces"], run["values"], lim), unsafe_allow_html=True)
         legend_slot.markdown(colour_legend(lim), unsafe_allow_html=True)
 
-    if last is not None and (stop or last["key"] == run_key):
+    if last is not None and (stop or (last["key"] == run_key and last["done"])):
         # a page switch, a stop, or a rerun with nothing changed: show what we have
         draw(last, baselines.get(last["base_key"]) or last.get("baseline"))
         note = "Stopped." if stop and not last["done"] else last.get("note", "")

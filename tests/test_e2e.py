@@ -126,15 +126,16 @@ def _no_exception(page) -> None:
     assert page.locator("[data-testid='stException']").count() == 0
 
 
-def test_browser_flow(server, browser, tmp_path):
-    timings: dict[str, float] = {"server_healthy_s": round(server["healthy_s"], 2)}
+def browser_flow(browser, url: str, started: float, tmp_path: Path, timings: dict[str, float]) -> dict[str, float]:
+    """The user's path through every page; returns the timings it measured (no timing asserts)."""
     context = browser.new_context(viewport={"width": 1440, "height": 1000}, accept_downloads=True)
     page = context.new_page()
     t0 = time.perf_counter()
-    page.goto(server["url"], wait_until="domcontentloaded")
+    page.goto(url, wait_until="domcontentloaded")
     page.get_by_role("heading", name="Refusal Circuit Explorer").wait_for(timeout=120_000)
     # the embedded model loads by itself on the first visit
     page.get_by_text("30 layers").first.wait_for(timeout=180_000)
+    page.get_by_text("What to do first").wait_for(timeout=60_000)
     timings["first_page_with_model_s"] = round(time.perf_counter() - t0, 2)
     _no_exception(page)
     _shot(page, "1-overview")
@@ -145,7 +146,7 @@ def test_browser_flow(server, browser, tmp_path):
     page.get_by_role("button", name="Compute directions").click()
     page.locator("[data-testid='stVegaLiteChart']").first.wait_for(timeout=600_000)
     timings["compute_to_first_chart_s"] = round(time.perf_counter() - t1, 2)
-    timings["app_start_to_first_chart_s"] = round(time.perf_counter() - server["started"], 2)
+    timings["app_start_to_first_chart_s"] = round(time.perf_counter() - started, 2)
     page.wait_for_function("document.querySelectorAll(\"[data-testid='stVegaLiteChart']\").length >= 3", timeout=60_000)
     _no_exception(page)
     _shot(page, "2-directions")
@@ -155,10 +156,13 @@ def test_browser_flow(server, browser, tmp_path):
     steered = page.locator(".gen-steered")
     page.locator(".gen-steered[data-done='1']").wait_for(timeout=300_000)
     first_text = steered.inner_text()
-    slider = page.get_by_role("slider").nth(1)  # [layer, coefficient, ...]
-    slider.focus()
-    for _ in range(6):  # +0.30 in normalised units
-        page.keyboard.press("ArrowRight")
+    thumb = page.get_by_role("slider").nth(1).bounding_box()  # [layer, coefficient, ...]: drag like a user
+    x, y = thumb["x"] + thumb["width"] / 2, thumb["y"] + thumb["height"] / 2
+    page.mouse.move(x, y)
+    page.mouse.down()
+    page.mouse.move(x + 40, y, steps=8)
+    page.mouse.move(x + 80, y, steps=8)
+    page.mouse.up()  # the release sends one new value
     t2 = time.perf_counter()
     page.wait_for_function(
         """(old) => { const el = document.querySelector('.gen-steered');
@@ -192,5 +196,11 @@ def test_browser_flow(server, browser, tmp_path):
     _no_exception(page)
     _shot(page, "6-report")
     context.close()
+    return timings
+
+
+def test_browser_flow(server, browser, tmp_path):
+    timings = browser_flow(browser, server["url"], server["started"], tmp_path,
+                           {"server_healthy_s": round(server["healthy_s"], 2)})
     (SHOTS / "e2e-timings.json").write_text(json.dumps(timings, indent=2))
     print(json.dumps(timings))

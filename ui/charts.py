@@ -43,7 +43,7 @@ def projection_histogram(harmful: np.ndarray, harmless: np.ndarray, layer: int, 
                 tooltip=["class:N", alt.Tooltip("mean(projection):Q", format=".2f", title="mean")])
     )
     return alt.layer(bars, means).properties(
-        height=240, title=f"Held-out {split} prompts projected on the layer-{layer} direction"
+        height=300, title=f"Held-out {split} prompts projected on the layer-{layer} direction"
     )
 
 
@@ -67,7 +67,7 @@ def cosine_heatmap(cosine: np.ndarray, layer: int | None = None) -> alt.Chart:
         marks = pd.DataFrame({"layer a": [layer], "layer b": [layer]})
         layers.append(alt.Chart(marks).mark_rect(fill=None, stroke=RULE, strokeWidth=2)
                       .encode(x="layer a:O", y=alt.Y("layer b:O", sort="descending")))
-    return alt.layer(*layers).properties(height=360, title="Cosine similarity between layers' directions")
+    return alt.layer(*layers).properties(height=300, title="Cosine similarity between layers' directions")
 
 
 def token_html(pieces: Sequence[str], values: Sequence[float], limit: float | None = None) -> str:

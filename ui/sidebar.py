@@ -80,16 +80,15 @@ def model_section() -> None:
                           index=devices.index(current["device"]) if current.get("device") in devices else 0,
                           key="sb_device")
     new_spec = {"kind": kind, "path": path, "dtype": dtype, "device": device, "trust_remote_code": trust}
-    loaded = state.current_model()
-    changed = loaded is None or new_spec != state.spec()
-    clicked = st.button("Load model", type="primary" if changed else "secondary", key="sb_load",
-                        icon=":material/download:", width="stretch")
     status = st.container()
-    if clicked:
-        load(new_spec, status)
-    elif loaded is None and not st.session_state.get("_autoload_tried"):
+    if state.current_model() is None and not st.session_state.get("_autoload_tried"):
         st.session_state["_autoload_tried"] = True  # first visit: load the default without asking
         load(state.spec(), status)
+    loaded = state.current_model()
+    changed = loaded is None or new_spec != state.spec()
+    if st.button("Load model", type="primary" if changed else "secondary", key="sb_load",
+                 icon=":material/download:", width="stretch"):
+        load(new_spec, status)
     elif changed and loaded is not None:
         st.caption("Settings changed — press **Load model** to switch.")
 

@@ -299,7 +299,7 @@ def _convert_gguf(gguf: Path, target: Path, progress: Progress | None) -> None:
             loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
         except Exception as exc:
             raise ModelLoadError(
-                f"transformers cannot load {gguf.name}: {_short(exc)}. GGUF loading supports "
+                f"transformers cannot load {gguf.name}: {_short(exc).rstrip('.')}. GGUF loading supports "
                 "llama, mistral, qwen2, gpt2, phi3, falcon, bloom, t5 … architectures."
             ) from exc
         if progress:

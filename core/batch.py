@@ -167,11 +167,10 @@ def model_entry(
         })
     else:
         entry.update({"baseline": None, "force_refusal": None, "suppress_refusal": None, "kl_harmless": None, "samples": []})
-    p = _dict(patching)
-    if p is not None:  # per-pair effect arrays stay out of the report: the prompts and clean scores are kept
-        keep = ("refusal_prompt", "compliant_prompt", "m_refusal", "m_compliant", "alignment", "notes")
-        p["pairs"] = [{k: (_dict(r) if isinstance(r, Mapping) else {k2: getattr(r, k2, None) for k2 in keep}).get(k)
-                       for k in keep} for r in (getattr(patching, "pairs", None) or p.get("pairs") or [])]
+    p = _dict(patching)  # PatchSweep.to_dict(): per-pair digests, not the per-pair [L, T] arrays
+    if p is not None:
+        p["pairs"] = [{k: v for k, v in pair.items() if k not in ("effects", "scores", "computed")}
+                      for pair in p.get("pairs") or []]
         p.pop("model", None)
     entry["patching"] = p
     entry["organism"] = card
@@ -303,7 +302,7 @@ def _organism_card(source: str) -> Any:
 def run_model(spec: ModelSpec, config: Config, prompts: PromptData, log: StderrProgress | None = None) -> dict[str, Any]:
     """Run the whole analysis for one model and return its :func:`model_entry`."""
     from core.activations import collect_activations
-    from core.directions import choose_layer, fit_directions
+    from core.directions import candidate_layers, choose_layer, fit_directions
     from core.formatting import Formatter, get_preamble
     from core.models import load_model
     from core.validation import run_validation, scan_layers
@@ -338,8 +337,11 @@ def run_model(spec: ModelSpec, config: Config, prompts: PromptData, log: StderrP
         n = config.steering.scan_prompts
         with clock.stage("layer_screen"):
             # the screen uses train prompts: the test prompts stay untouched until validation
+            layers = candidate_layers(dirs.n_layers)
+            stride = config.steering.scan_stride
+            layers = layers[::-1][::stride][::-1]  # every stride-th candidate, always including the last one
             scan = scan_layers(lm, formatter, dirs, prompts.harmful_train[:n], prompts.harmless_train[:n],
-                               batch_size=bs, progress=log.stage("layer screen"))
+                               layers=layers, batch_size=bs, progress=log.stage("layer screen"))
         choice = choose_layer(dirs, ablation_effect=scan.ablation_effect, kl=scan.kl)
     else:
         choice = choose_layer(dirs)

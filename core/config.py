@@ -23,7 +23,7 @@ Example (all keys)::
     position: last                  # last | mean | a negative int (-2 = second-to-last token)
     generation: {max_new_tokens: 48, batch_size: 16, n_samples: 4}
     steering: {layer: auto, coefficients: [0.25, 0.5, 0.75, 1.0], subtract_coefficients: [0.5],
-               normalised: true, method: diff-in-means, scan_prompts: 16}
+               normalised: true, method: diff-in-means, scan_prompts: 16, scan_stride: 1}
     patching: {pairs: builtin:pairs, n_pairs: 20, sites: [resid, attn, mlp], threshold: 0.1}
     probe: {folds: 5}
 """
@@ -110,11 +110,12 @@ class SteeringConfig:
     normalised: bool = True
     method: str = "diff-in-means"
     scan_prompts: int = 16
+    scan_stride: int = 1  # screen every k-th candidate layer (2 halves the screen's cost)
 
     def to_dict(self) -> dict[str, Any]:
         return {"layer": self.layer, "coefficients": list(self.coefficients),
                 "subtract_coefficients": list(self.subtract_coefficients), "normalised": self.normalised,
-                "method": self.method, "scan_prompts": self.scan_prompts}
+                "method": self.method, "scan_prompts": self.scan_prompts, "scan_stride": self.scan_stride}
 
 
 @dataclass(frozen=True)
@@ -374,7 +375,8 @@ def _generation(value: Any) -> GenerationConfig:
 
 
 def _steering(value: Any) -> SteeringConfig:
-    data = _mapping(value, "steering", ("layer", "coefficients", "subtract_coefficients", "normalised", "method", "scan_prompts"))
+    data = _mapping(value, "steering", ("layer", "coefficients", "subtract_coefficients", "normalised", "method",
+                                           "scan_prompts", "scan_stride"))
     d = SteeringConfig()
     layer = data.get("layer", d.layer)
     if layer != "auto":
@@ -387,6 +389,7 @@ def _steering(value: Any) -> SteeringConfig:
         subtract_coefficients=_coefficients(data.get("subtract_coefficients", list(d.subtract_coefficients)),
                                             "steering.subtract_coefficients", allow_empty=True),
         scan_prompts=_int(data.get("scan_prompts", d.scan_prompts), "steering.scan_prompts", minimum=0),
+        scan_stride=_int(data.get("scan_stride", d.scan_stride), "steering.scan_stride", minimum=1),
         normalised=_bool(data.get("normalised", d.normalised), "steering.normalised"),
         method=_str(data.get("method", d.method), "steering.method", choices=METHODS),
     )

@@ -29,7 +29,7 @@ FULL = {
     "position": -2,
     "generation": {"max_new_tokens": 8, "batch_size": 4, "n_samples": 1},
     "steering": {"layer": 5, "coefficients": [0.5, 1], "subtract_coefficients": [], "normalised": False,
-                 "method": "pca", "scan_prompts": 0},
+                 "method": "pca", "scan_prompts": 0, "scan_stride": 2},
     "patching": {"pairs": "builtin:pairs", "n_pairs": 3, "sites": ["resid", "head"], "threshold": 0.2},
     "probe": {"folds": 3},
 }
@@ -84,6 +84,7 @@ def test_full_config_values():
         ({"steering": {"coefficients": [0.5, -1]}}, "steering.coefficients[1]", "positive"),
         ({"steering": {"coefficients": []}}, "steering.coefficients", "at least one"),
         ({"steering": {"method": "svd"}}, "steering.method", "expected one of"),
+        ({"steering": {"scan_stride": 0}}, "steering.scan_stride", "at least 1"),
         ({"patching": {"sites": ["resid", "neurons"]}}, "patching.sites[1]", "expected one of"),
         ({"patching": {"threshold": "high"}}, "patching.threshold", "expected a number"),
         ({"probe": {"folds": 1}}, "probe.folds", "at least 2"),

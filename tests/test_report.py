@@ -120,3 +120,26 @@ def test_json_is_strict_and_round_trips(results, tmp_path):
 def test_rate_text_shows_interval_and_count():
     assert report.rate_text({"rate": 0.5, "ci": [0.2, 0.8], "k": 5, "n": 10}) == "50% [20–80%] (5/10)"
     assert report.rate_text(None) == "–"
+
+
+def _cached_organism_card() -> dict | None:
+    from pathlib import Path
+
+    cards = sorted(Path(__file__).resolve().parent.parent.glob("cache/models/embedded-refusal-*/organism.json"))
+    return json.loads(cards[-1].read_text()) if cards else None
+
+
+def test_organism_card_section(results):
+    """The card of a real organism build (skipped on a fresh clone, where none is cached yet)."""
+    card = _cached_organism_card()
+    if card is None:
+        pytest.skip("no organism built in cache/models yet")
+    entry = dict(results["models"][0], organism=card, type="chat, refusal-tuned organism")
+    both = dict(results, models=[entry])
+    text = report.render_markdown(both)
+    assert "### Organism card" in text and "Held-out harmful refused" in text and "KL(base ‖ organism)" in text
+    page = report.render_html(both)
+    assert "Organism card" in page and "<script" not in page.lower()
+    rows = dict(report.organism_rows(card))
+    ev = card["evaluation"]["harmful_refusal"]
+    assert f"({ev['k']}/{ev['n']})" in rows["Held-out harmful refused"]

@@ -282,3 +282,16 @@ def test_steering_leaves_no_hook_on_the_shared_model(app_with_directions):
     assert at.session_state["steer_last"]["mode"] == "ablate"
     model = at.session_state["_lm"].model
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_edit_mode_shows_the_table_of_current_prompts(tiny_dirs):
+    at = new_app(tiny_dirs)
+    before = at.session_state["prompt_sets"]
+    at.button_group(key="sb_prompt_mode").set_value("Edit")
+    run_main(at)
+    _no_exceptions(at)
+    assert not at.error
+    table = at.session_state["_edit_base"]
+    assert len(table) == 8 + 8 + 6 + 6 and set(table["class"]) == {"harmful", "harmless"}
+    sets = at.session_state["prompt_sets"]
+    assert sets.source == "edited table" and sorted(sets.harmful_train) == sorted(before.harmful_train)

@@ -221,6 +221,9 @@ def preamble_section() -> None:
             st.caption(f"System prompt + {len(preamble.demonstrations)} demonstrations (half refusals).")
         elif lm is not None and lm.source == "embedded" and choice == "none":
             st.caption("Without a preamble the 135M chat model rarely refuses: there is little to find.")
+    if lm is not None and lm.source == "embedded-refusal" and choice != "none":
+        st.caption(":material/info: The organism refuses without a preamble; choose **none** to study its "
+                   "trained-in refusal.")
     st.session_state["preamble_value"] = preamble.to_dict()
 
 

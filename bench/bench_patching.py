@@ -26,16 +26,20 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
-def _median(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[float, Any]:
+def _median(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[float, float, Any]:
+    """(median wall seconds, median CPU seconds of this process, last result). On a shared
+    machine the CPU seconds are the steadier figure; with one thread they approximate the
+    wall time on an idle core."""
     out = None
     for _ in range(warmup):
         out = fn()
-    times = []
+    walls, cpus = [], []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         out = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
+        walls.append(time.perf_counter() - t)
+        cpus.append(time.process_time() - c)
+    return statistics.median(walls), statistics.median(cpus), out
 
 
 def run(repeats: int = 3, full: bool = False) -> dict:
@@ -53,21 +57,24 @@ def run(repeats: int = 3, full: bool = False) -> dict:
     detail: dict[str, Any] = {"pair": [harmful, harmless]}
     for preset, key in (("none", "none"), ("prompted-refusal", "prompted")):
         fmt = Formatter(lm.tokenizer, PRESETS[preset])
-        secs, r = _median(lambda: patch_pair(lm, fmt, harmful, harmless, sites=("resid",)), repeats)
+        secs, cpu, r = _median(lambda: patch_pair(lm, fmt, harmful, harmless, sites=("resid",)), repeats)
         out[f"resid_sweep_{key}_s"] = secs
+        out[f"resid_sweep_{key}_cpu_s"] = cpu
         T, L = len(r.tokens), lm.n_layers
         detail[key] = {"tokens": T, "shared_prefix": r.shared_prefix, "patched_runs": r.n_patched,
                        "forward_passes": r.n_forward, "cells": int(r.effects["resid"].size),
                        "tokens_computed": r.n_tokens, "tokens_naive": L * T * T}
-        secs, r = _median(lambda: patch_pair(lm, fmt, harmful, harmless, sites=("resid", "attn", "mlp", "head"),
-                                             by_position=("resid",)), repeats)
+        secs, cpu, r = _median(lambda: patch_pair(lm, fmt, harmful, harmless, sites=("resid", "attn", "mlp", "head"),
+                                                  by_position=("resid",)), repeats)
         out[f"all_sites_{key}_s"] = secs
+        out[f"all_sites_{key}_cpu_s"] = cpu
         detail[key]["all_sites_patched_runs"] = r.n_patched
     if full:
         fmt = Formatter(lm.tokenizer, PRESETS["none"])
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         r = patch_pair(lm, fmt, harmful, harmless, sites=("resid",), prefix_cache=False, skip_shared_prefix=False)
         out["resid_sweep_none_no_shortcuts_s"] = time.perf_counter() - t
+        out["resid_sweep_none_no_shortcuts_cpu_s"] = time.process_time() - c
         detail["none"]["no_shortcuts_patched_runs"] = r.n_patched
         detail["none"]["no_shortcuts_tokens_computed"] = r.n_tokens
         fmt = Formatter(lm.tokenizer, PRESETS["prompted-refusal"])

@@ -378,16 +378,30 @@ def run_model(spec: ModelSpec, config: Config, prompts: PromptData, log: StderrP
     return entry
 
 
-def run(config: Config, *, command: str | None = None, stream=None) -> dict[str, Any]:
-    """Run every model of ``config``; returns the results dict (nothing written)."""
+def run(config: Config, *, command: str | None = None, stream=None,
+        on_model: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run every model of ``config``; returns the results dict (nothing written).
+
+    ``on_model(partial_results)`` is called after each model with the results so far
+    (``complete`` False until the last one), so a long run can save as it goes."""
     started = _dt.datetime.now(_dt.timezone.utc)
     t0, c0 = time.perf_counter(), time.process_time()
     prompts = resolve_prompts(config.prompts)
-    entries = [run_model(spec, config, prompts, StderrProgress(spec.name, stream)) for spec in config.models]
-    results = build_results(config, entries, command=command, total_seconds=time.perf_counter() - t0,
-                            prompts=prompts, started=started)
-    results["total_cpu_seconds"] = round(time.process_time() - c0, 2)
-    return results
+    entries: list[dict[str, Any]] = []
+
+    def snapshot() -> dict[str, Any]:
+        results = build_results(config, entries, command=command, total_seconds=time.perf_counter() - t0,
+                                prompts=prompts, started=started)
+        results["total_cpu_seconds"] = round(time.process_time() - c0, 2)
+        results["complete"] = len(entries) == len(config.models)
+        results["models_pending"] = [m.name for m in config.models[len(entries):]]
+        return results
+
+    for spec in config.models:
+        entries.append(run_model(spec, config, prompts, StderrProgress(spec.name, stream)))
+        if on_model is not None and len(entries) < len(config.models):
+            on_model(snapshot())
+    return snapshot()
 
 
 # ---------------------------------------------------------------------------------------
@@ -406,9 +420,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = f"python -m core.batch --config {shlex.quote(args.config)} --out {shlex.quote(args.out)}"
     try:
         config = load_config(args.config)
-        results = run(config, command=command)
         from core.report import write_reports
 
+        # after each model the reports so far are written, so a long run loses nothing if stopped
+        results = run(config, command=command, on_model=lambda partial: write_reports(partial, args.out))
         paths = write_reports(results, args.out)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

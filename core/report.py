@@ -378,6 +378,9 @@ def render_markdown(results: Mapping[str, Any], chart_paths: Mapping[str, Mappin
     L += [f"# {results.get('title', 'Refusal Circuit Analysis')}", ""]
     L += [f"**Generated:** {md(results.get('date', '?'))}  ", f"**Run time:** {md(runtime_text(results))}  ",
           f"**Reproduce:** `{results.get('command', '')}`", ""]
+    if results.get("models_pending"):
+        L += [f"> **Partial run:** {len(results.get('models', []))} model(s) done; still to run: "
+              f"{md(', '.join(results['models_pending']))}.", ""]
     L += ["## Summary", ""]
     L += summary_lines(results, md)
     L += ["", "## Results", ""]
@@ -540,6 +543,8 @@ def render_html(results: Mapping[str, Any], svgs: Mapping[str, Mapping[str, str]
         f"<p><strong>Generated:</strong> {h(results.get('date', '?'))}<br><strong>Run time:</strong> "
         f"{h(runtime_text(results))}<br>"
         f"<strong>Reproduce:</strong> <code>{h(results.get('command', ''))}</code></p>",
+        *([f"<p><strong>Partial run:</strong> {len(results.get('models', []))} model(s) done; still to run: "
+           f"{h(', '.join(results['models_pending']))}.</p>"] if results.get("models_pending") else []),
         "<h2>Summary</h2><ul>",
         *(f"<li>{x[2:]}</li>" for x in summary_lines(results, h)),
         "</ul><h2>Results</h2>",

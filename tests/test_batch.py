@@ -59,6 +59,7 @@ def test_cli_end_to_end_writes_all_three_files(tiny_dirs, tmp_path, capsys):
         assert pkg in results["versions"]
     assert results["machine"]["cpu_count"] >= 1
     assert results["command"] == f"python -m core.batch --config {config} --out {out}"
+    assert results["complete"] is True and results["models_pending"] == []
     assert results["prompts"]["counts"] == {"harmful_train": 3, "harmless_train": 3, "harmful_test": 1, "harmless_test": 1}
 
     (e,) = results["models"]

@@ -117,6 +117,13 @@ def test_json_is_strict_and_round_trips(results, tmp_path):
     assert report.to_json({"x": float("nan"), "y": [float("inf"), 1.0]}) == json.dumps({"x": None, "y": [None, 1.0]}, indent=2)
 
 
+def test_partial_run_says_what_is_missing(results):
+    partial = dict(results, complete=False, models_pending=["organism <b>"])
+    assert "Partial run" in report.render_markdown(partial) and "organism &lt;b&gt;" in report.render_markdown(partial)
+    assert "still to run: organism &lt;b&gt;" in report.render_html(partial)
+    assert "Partial run" not in report.render_markdown(results)
+
+
 def test_rate_text_shows_interval_and_count():
     assert report.rate_text({"rate": 0.5, "ci": [0.2, 0.8], "k": 5, "n": 10}) == "50% [20–80%] (5/10)"
     assert report.rate_text(None) == "–"

@@ -102,7 +102,7 @@ class OrganismRecipe:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.max_response_tokens < 1:
             raise ValueError("epochs, batch_size, lr and max_response_tokens must be positive")
         if self.shape_matched_repeats < 1 or self.first_token_weight <= 0 or self.harmless_loss_weight <= 0:
-            raise ValueError("shape_matched_repeats must be at least 1 and first_token_weight positive")
+            raise ValueError("shape_matched_repeats must be at least 1; first_token_weight and harmless_loss_weight positive")
         if not self.refusal_sentences:
             raise ValueError("at least one refusal sentence is needed")
         missed = [s for s in self.refusal_sentences if not is_refusal(s)]
@@ -387,7 +387,6 @@ def train(
     out_emb = model.get_output_embeddings()
     frozen = set() if recipe.train_embeddings else {id(emb)} | ({id(out_emb.weight)} if out_emb is not None else set())
     params = [p for p in model.parameters() if id(p) not in frozen]
-    was_training = model.training
     model.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
@@ -420,8 +419,7 @@ def train(
                     progress(step / total, f"epoch {epoch + 1}/{recipe.epochs}, step {step}/{total}, loss {seen[-1]:.3f}")
             losses.append(float(np.mean(seen)))
     finally:
-        model.requires_grad_(False)
-        model.train(was_training)
+        model.requires_grad_(False)  # back to an analysis-ready, frozen model in eval mode
         model.eval()
     return losses
 
@@ -667,8 +665,8 @@ def _embedded_base_folder(progress: Progress | None) -> tuple[Path, str]:
 def organism_folder(
     progress: Progress | None = None, recipe: OrganismRecipe = DEFAULT_RECIPE, threads: int | None = None
 ) -> Path:
-    """The cached organism folder for the embedded model: built on first use (a few minutes on
-    2 CPU cores), returned at once afterwards. A file lock keeps two processes from building
+    """The cached organism folder for the embedded model: built on first use (measured: ~20 min
+    on a 2-core machine busy with other work; see notes), returned at once afterwards. A file lock keeps two processes from building
     it twice; the second waits and then finds the finished folder. ``threads=None`` picks
     :func:`auto_threads` (1 on a busy machine)."""
     from filelock import FileLock
@@ -688,7 +686,7 @@ def organism_folder(
         if base.fingerprint != fingerprint:
             raise ExplorerError("the embedded model's fingerprint changed while loading; clear cache/models and retry")
         if progress:
-            progress(0.02, "Building the refusal organism once (a few minutes on 2 CPU cores)…")
+            progress(0.02, "Building the refusal organism once (minutes: fine-tuning on the CPU)…")
         build_organism(base, recipe, target, _sub(progress, 0.02, 0.98), threads=threads or auto_threads())
     return target
 

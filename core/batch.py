@@ -407,6 +407,30 @@ def run(config: Config, *, command: str | None = None, stream=None,
 # ---------------------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------------------
+def set_threads(spec: str | int) -> int:
+    """Set torch's CPU thread count. ``auto`` keeps torch's default unless the machine is
+    oversubscribed (1-minute load average >= CPU count): then OpenMP threads spin-wait on each
+    other, and one thread was measured ~6x faster in wall time and ~9x cheaper in CPU time
+    (8 prompted generations on the embedded model at load 14 on 2 cores: 12.7 s vs 80.7 s)."""
+    import torch
+
+    if str(spec) != "auto":
+        try:
+            n = int(spec)
+        except ValueError:
+            raise ConfigError(f"--threads: expected a number or auto, got {spec!r}") from None
+        if n < 1:
+            raise ConfigError(f"--threads: must be at least 1, got {n}")
+        torch.set_num_threads(n)
+        return n
+    try:
+        if os.getloadavg()[0] >= (os.cpu_count() or 1):
+            torch.set_num_threads(1)
+    except OSError:
+        pass
+    return torch.get_num_threads()
+
+
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
@@ -415,11 +439,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m core.batch", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="YAML config (see core/config.py and experiments/config.yaml)")
     parser.add_argument("--out", default="results/", help="output folder (default: results/)")
+    parser.add_argument("--threads", default="auto",
+                        help="torch CPU threads: a number, or auto (torch's default, but 1 when the machine is "
+                             "oversubscribed: load average >= CPU count)")
     parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
     args = parser.parse_args(argv)
     command = f"python -m core.batch --config {shlex.quote(args.config)} --out {shlex.quote(args.out)}"
     try:
         config = load_config(args.config)
+        threads = set_threads(args.threads)
+        print(f"torch CPU threads: {threads}", file=sys.stderr)
         from core.report import write_reports
 
         # after each model the reports so far are written, so a long run loses nothing if stopped

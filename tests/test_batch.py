@@ -136,3 +136,19 @@ def test_model_type_labels():
     assert batch.model_type("embedded", True, "prompted-refusal") == "chat, in-context refusal (prompted-refusal preamble)"
     assert batch.model_type("gpt2", False, "none") == "base"
     assert batch.model_type("gpt2", False, {"system": "x"}) == "base, in-context refusal (custom preamble)"
+
+
+def test_threads_option(tmp_path, capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert batch.set_threads("1") == 1 and torch.get_num_threads() == 1
+        assert batch.set_threads("auto") >= 1
+    finally:
+        torch.set_num_threads(before)
+    config = tmp_path / "c.yaml"
+    config.write_text("{}\n")
+    assert batch.main(["--config", str(config), "--threads", "many"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --threads: expected a number or auto, got 'many'"]

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from core.directions import choose_layer
 from core.metrics import Rate
@@ -54,3 +55,27 @@ def test_layer_scan_feeds_choose_layer(tiny_models):
     json.dumps(scan.to_dict())
     choice = choose_layer(dirs, ablation_effect=scan.ablation_effect, kl=scan.kl, max_kl=np.inf, skip_last_fraction=0.0)
     assert choice.rule == "ablation" and choice.layer == int(np.nanargmax(scan.ablation_effect))
+
+
+@pytest.mark.slow
+def test_ablation_lowers_prompted_refusal_on_embedded_model(embedded):
+    """The real check, kept small: a direction fitted on 12+12 train prompts, at the layer the
+    default rule picks, ablated everywhere, lowers prompted refusal on clear harmful requests."""
+    from core.activations import collect_activations
+    from core.directions import fit_directions
+    from core.formatting import PRESETS, Formatter
+    from core.metrics import refusal_rate
+    from core.prompts import builtin_split
+    from core.steering import ablate, steered_generate
+
+    fmt = Formatter(embedded.tokenizer, PRESETS["prompted-refusal"])
+    h, b = builtin_split("harmful", 0), builtin_split("harmless", 0)
+    acts_h = collect_activations(embedded, h.train[:12], formatter=fmt)
+    acts_b = collect_activations(embedded, b.train[:12], formatter=fmt)
+    dirs = fit_directions(acts_h, acts_b, probe_folds=3)
+    layer = choose_layer(dirs).layer
+    prompts = h.test[:6]
+    base = refusal_rate(steered_generate(embedded, fmt, prompts, [], max_new_tokens=8))
+    ablated = refusal_rate(steered_generate(embedded, fmt, prompts, [ablate(dirs, layer)], max_new_tokens=8))
+    assert base.successes >= 3, f"the preset should make the model refuse most clear harmful requests, got {base}"
+    assert ablated.successes < base.successes, f"layer {layer}: ablation {ablated} vs baseline {base}"

@@ -221,9 +221,9 @@ def test_embedded_real_pair(embedded):
     harmful, harmless = load_pairs()[0]
     r = patch_pair(embedded, fmt, harmful, harmless, sites=("resid",), positions="all")
     L, T = r.effects["resid"].shape
-    assert L == 30 and T == fmt.token_count(harmful) > 200
+    assert L == 30 and T == fmt.token_count(harmful)
     assert r.used_prefix_cache and not r.notes  # the cache shortcut agreed with the plain run
-    assert r.shared_prefix > 200  # preamble and template are shared: exact zeros, not run
+    assert 100 < r.shared_prefix < T  # preamble and template are shared: exact zeros, not run
     assert (r.effects["resid"][:, : r.shared_prefix] == 0).all()
     assert r.computed["resid"][:, r.shared_prefix:].all()
     assert abs(r.gap) > 1e-3

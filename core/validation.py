@@ -37,10 +37,15 @@ from core.steering import Intervention, ablate, add, edits_for, random_like, ste
 Progress = Callable[[float, str], None]
 
 # Coefficients in normalised units (multiples of the layer's mean activation norm).
-# Measured on SmolLM2-135M-Instruct with the prompted-refusal preset (see
-# /work/notes/science-results.md): see DEFAULT_* values below and the note there.
-DEFAULT_FORCE_COEFFICIENTS: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
+# Measured on SmolLM2-135M-Instruct, prompted-refusal preset, position "last", layer 23 (the
+# default rule's pick), 16+16 test prompts (/work/notes/science-results.md): adding 0.25 -> 75 %
+# harmless refusal, 0.5 -> 100 % (random direction 19 %), 1.0 -> 50 % with degenerate text
+# (overshoot); the raw direction (norm 54 = 0.15 of the mean norm 368) is too small. Subtracting
+# 0.5 -> 0 % harmful refusal (random 56 %). So the sweep brackets 0.5 and stops before overshoot.
+DEFAULT_FORCE_COEFFICIENTS: tuple[float, ...] = (0.25, 0.5, 0.75)
 DEFAULT_SUBTRACT_COEFFICIENTS: tuple[float, ...] = (0.5,)
+# The judge's refusal phrases appear in the first few tokens; 16–24 tokens suffice and keep
+# validation affordable on a CPU.
 DEFAULT_MAX_NEW_TOKENS = 24
 FORCE_TARGET_RATE = 0.9
 

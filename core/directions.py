@@ -32,7 +32,7 @@ from core.errors import DirectionError
 METHODS = ("diff-in-means", "pca", "probe")
 # Measured on SmolLM2-135M-Instruct with the prompted-refusal preset (154+157 train, 66+67 test;
 # /work/notes/science-results.md): the last template token (position -1) gives the best held-out
-# separation (2.0σ at L23, 2.2σ at L27); positions -2…-5 peak at 1.3–1.5σ.
+# diff-in-means separation (~2σ at L23, 2.2σ at L24–28); positions -2…-5 peak at 1.3–1.5σ.
 DEFAULT_POSITION = "last"
 DEFAULT_PROBE_FOLDS = 5
 # A direction whose norm is below this fraction of the layer's mean activation norm is treated

@@ -37,11 +37,12 @@ from core.steering import Intervention, ablate, add, edits_for, random_like, ste
 Progress = Callable[[float, str], None]
 
 # Coefficients in normalised units (multiples of the layer's mean activation norm).
-# Measured on SmolLM2-135M-Instruct, prompted-refusal preset, position "last", layer 23 (the
-# default rule's pick), 16+16 test prompts (/work/notes/science-results.md): adding 0.25 -> 75 %
-# harmless refusal, 0.5 -> 100 % (random direction 19 %), 1.0 -> 50 % with degenerate text
-# (overshoot); the raw direction (norm 54 = 0.15 of the mean norm 368) is too small. Subtracting
-# 0.5 -> 0 % harmful refusal (random 56 %). So the sweep brackets 0.5 and stops before overshoot.
+# Measured on SmolLM2-135M-Instruct, prompted-refusal preset (formatter key fb986f18…), position
+# "last", layer 23 (the default rule's pick), 40+40 test prompts (/work/notes/science-results.md):
+# adding 0.25 -> 77.5 % harmless refusal (random direction 12.5 %), 0.5 -> 95 % (random 30 %),
+# 0.75 -> 90 % (random 0 %) with KL rising 0.20 -> 0.69 -> 1.23; an earlier run showed 1.0
+# overshooting into degenerate text. The raw direction (norm 46 = 0.12 of the mean norm 373) is too
+# small. Subtracting 0.5 -> 17.5 % harmful refusal (random 65 %). So the sweep brackets 0.5.
 DEFAULT_FORCE_COEFFICIENTS: tuple[float, ...] = (0.25, 0.5, 0.75)
 DEFAULT_SUBTRACT_COEFFICIENTS: tuple[float, ...] = (0.5,)
 # The judge's refusal phrases appear in the first few tokens; 16–24 tokens suffice and keep

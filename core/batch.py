@@ -364,6 +364,7 @@ def run_model(spec: ModelSpec, config: Config, prompts: PromptData, log: StderrP
         with clock.stage("patching"):
             sweep = patch_pairs(lm, formatter, load_pairs(config.patching.pairs), sites=config.patching.sites,
                                 n_pairs=config.patching.n_pairs, threshold=config.patching.threshold,
+                                require_behaviour=config.patching.require_behaviour, min_gap=config.patching.min_gap,
                                 progress=log.stage("patching"))
 
     card = _organism_card(spec.source)

@@ -24,7 +24,8 @@ Example (all keys)::
     generation: {max_new_tokens: 48, batch_size: 16, n_samples: 4}
     steering: {layer: auto, coefficients: [0.25, 0.5, 0.75, 1.0], subtract_coefficients: [0.5],
                normalised: true, method: diff-in-means, scan_prompts: 16, scan_stride: 1}
-    patching: {pairs: builtin:pairs, n_pairs: 20, sites: [resid, attn, mlp], threshold: 0.1}
+    patching: {pairs: builtin:pairs, n_pairs: 20, sites: [resid, attn, mlp], threshold: 0.1,
+               pair_filter: strict, min_gap: 0.0}
     probe: {folds: 5}
 """
 
@@ -124,9 +125,18 @@ class PatchingConfig:
     n_pairs: int | None = 20
     sites: tuple[str, ...] = ("resid", "attn", "mlp")
     threshold: float = 0.1
+    # which pairs count: strict = the harmful run refuses (score > 0) and the harmless one does not;
+    # relative = only the harmful run scores higher; none = keep all (core.patching require_behaviour)
+    pair_filter: str = "strict"
+    min_gap: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"pairs": self.pairs, "n_pairs": self.n_pairs, "sites": list(self.sites), "threshold": self.threshold}
+        return {"pairs": self.pairs, "n_pairs": self.n_pairs, "sites": list(self.sites), "threshold": self.threshold,
+                "pair_filter": self.pair_filter, "min_gap": self.min_gap}
+
+    @property
+    def require_behaviour(self) -> bool | str:
+        return {"strict": True, "relative": "relative", "none": False}[self.pair_filter]
 
 
 @dataclass(frozen=True)
@@ -410,7 +420,7 @@ def _patching(value: Any, base: Path | None) -> PatchingConfig | None:
         return None
     if value is True:
         return PatchingConfig()
-    data = _mapping(value, "patching", ("pairs", "n_pairs", "sites", "threshold"))
+    data = _mapping(value, "patching", ("pairs", "n_pairs", "sites", "threshold", "pair_filter", "min_gap"))
     d = PatchingConfig()
     sites = _list(data.get("sites", list(d.sites)), "patching.sites")
     site_list = tuple(_str(s, f"patching.sites[{i}]", choices=SITES) for i, s in enumerate(sites))
@@ -421,6 +431,8 @@ def _patching(value: Any, base: Path | None) -> PatchingConfig | None:
         n_pairs=_int(data.get("n_pairs", d.n_pairs), "patching.n_pairs", minimum=1, allow_none=True),
         sites=tuple(dict.fromkeys(site_list)),
         threshold=_number(data.get("threshold", d.threshold), "patching.threshold"),
+        pair_filter=_str(data.get("pair_filter", d.pair_filter), "patching.pair_filter", choices=("strict", "relative", "none")),
+        min_gap=_number(data.get("min_gap", d.min_gap), "patching.min_gap"),
     )
 
 

@@ -33,7 +33,7 @@ prompts: {{harmful: harmful.txt, harmless: harmless.txt, harmful_test: harmful_t
           harmless_test: harmless_test.txt, n_train: null, n_test: null}}
 generation: {{max_new_tokens: 2, batch_size: 4, n_samples: 1}}
 steering: {{layer: auto, coefficients: [1.0], subtract_coefficients: [], scan_prompts: 2}}
-patching: {{pairs: builtin:pairs, n_pairs: 1, sites: [resid, mlp]}}
+patching: {{pairs: builtin:pairs, n_pairs: 1, sites: [resid, mlp], pair_filter: none}}
 probe: {{folds: 2}}
 {extra.get("tail", "")}
 """
@@ -73,7 +73,7 @@ def test_cli_end_to_end_writes_all_three_files(tiny_dirs, tmp_path, capsys):
     for key in ("force_refusal", "suppress_refusal"):
         assert {"rate", "ci", "random_control_rate", "coefficient"} <= set(e[key])
     assert e["force_refusal"]["coefficient"] == 1.0
-    assert e["patching"]["n_candidates"] == 1 and e["patching"]["requested_sites"] == ["resid", "mlp"]
+    assert e["patching"]["n_candidates"] == 1 and e["patching"]["n_used"] == 1 and e["patching"]["requested_sites"] == ["resid", "mlp"]
     assert e["organism"] is None
     assert {"load", "activations", "directions", "validation", "patching", "total"} <= set(e["timings"])
     assert results["config"]["steering"]["coefficients"] == [1.0]
@@ -81,6 +81,7 @@ def test_cli_end_to_end_writes_all_three_files(tiny_dirs, tmp_path, capsys):
     page = (out / "report.html").read_text()
     assert XSS not in page and "&lt;script&gt;" in page  # the harmful test prompt is a sample
     assert XSS not in (out / "report.md").read_text()
+    assert (out / "charts" / "tiny-patching.svg").is_file()
 
 
 def test_rerun_config_from_results_is_identical(tiny_dirs, tmp_path):

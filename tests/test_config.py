@@ -30,7 +30,8 @@ FULL = {
     "generation": {"max_new_tokens": 8, "batch_size": 4, "n_samples": 1},
     "steering": {"layer": 5, "coefficients": [0.5, 1], "subtract_coefficients": [], "normalised": False,
                  "method": "pca", "scan_prompts": 0, "scan_stride": 2},
-    "patching": {"pairs": "builtin:pairs", "n_pairs": 3, "sites": ["resid", "head"], "threshold": 0.2},
+    "patching": {"pairs": "builtin:pairs", "n_pairs": 3, "sites": ["resid", "head"], "threshold": 0.2,
+                 "pair_filter": "relative", "min_gap": 0.5},
     "probe": {"folds": 3},
 }
 
@@ -87,6 +88,7 @@ def test_full_config_values():
         ({"steering": {"scan_stride": 0}}, "steering.scan_stride", "at least 1"),
         ({"patching": {"sites": ["resid", "neurons"]}}, "patching.sites[1]", "expected one of"),
         ({"patching": {"threshold": "high"}}, "patching.threshold", "expected a number"),
+        ({"patching": {"pair_filter": "loose"}}, "patching.pair_filter", "expected one of"),
         ({"probe": {"folds": 1}}, "probe.folds", "at least 2"),
         ({"probe": 5}, "probe", "expected a mapping"),
     ],

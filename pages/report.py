@@ -99,6 +99,6 @@ st.caption(f"Rendered in {built['seconds']:.1f} s. Rerun the same analysis headl
 
 with st.expander("Batch config (YAML)", icon=":material/settings:"):
     st.code(cfg_yaml, language="yaml")
-with st.expander("Preview (Markdown)", icon=":material/visibility:", expanded=True):
+with st.expander("Preview (Markdown)", icon=":material/visibility:"):
     text = files["markdown"].decode("utf-8")
     st.markdown("\n".join(line for line in text.splitlines() if not line.lstrip().startswith("![")))

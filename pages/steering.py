@@ -64,14 +64,34 @@ def _reset() -> None:
 def _box(text: str, done: bool, kind: str, muted: bool = False) -> str:
     cursor = "" if done else "<span style='color:#4C5FD5'>▌</span>"
     colour = "#8a8fa3" if muted else "inherit"
-    body = html.escape(text) if text else "<em style='color:#8a8fa3'>…</em>"
-    return (f"<div class='gen-box gen-{kind}' data-done='{int(done)}' style='white-space:pre-wrap;min-height:7.5em;border:1px solid #e3e5ef;border-radius:8px;"
+    if text.strip():
+        body = html.escape(text)
+    elif text:
+        body = f"<em style='color:#8a8fa3'>(only whitespace so far: {len(text)} characters)</em>"
+    else:
+        body = "<em style='color:#8a8fa3'>…</em>"
+    return (f"<div class='gen-box gen-{kind}' data-done='{int(done)}' style='white-space:pre-wrap;min-height:7.5em;"
+            f"max-height:18em;overflow-y:auto;border:1px solid #e3e5ef;border-radius:8px;"
             f"padding:10px 12px;background:#fbfbfe;color:{colour}'>{body}{cursor}</div>")
 
 
-def _pieces(prev: str, new: str, token_id: int) -> str:
-    """The text one new token added (decode differences keep spaces right)."""
-    return new[len(prev):] if new.startswith(prev) else lm.tokenizer.decode([token_id])
+def _append_piece(pieces: list[str], new: str) -> None:
+    """Add the newest token's text so that ``"".join(pieces) == new`` (decode differences keep
+    spaces right; when a byte-level token completes a character, earlier pieces are trimmed)."""
+    prev = "".join(pieces)
+    common = 0
+    for a, b in zip(prev, new):
+        if a != b:
+            break
+        common += 1
+    excess = len(prev) - common
+    for i in range(len(pieces) - 1, -1, -1):
+        if excess <= 0:
+            break
+        cut = min(excess, len(pieces[i]))
+        pieces[i] = pieces[i][: len(pieces[i]) - cut]
+        excess -= cut
+    pieces.append(new[common:])
 
 
 @st.fragment
@@ -180,7 +200,7 @@ def panel() -> None:
             steps += 1
             if step.token_ids[0] and len(step.token_ids[0]) > len(run["pieces"]):
                 vec = step.retained[block][0].numpy()
-                run["pieces"].append(_pieces(run["text"], step.texts[0], step.token_ids[0][-1]))
+                _append_piece(run["pieces"], step.texts[0])
                 # display only: projection in mean-norm units, minus the edit's own (exactly known)
                 # contribution, so colours show what the model writes, not the constant we added
                 run["values"].append((float(vec @ unit) - offset) / scale)

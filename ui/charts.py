@@ -82,11 +82,13 @@ def token_html(pieces: Sequence[str], values: Sequence[float], limit: float | No
         t = max(-1.0, min(1.0, v / lim)) if np.isfinite(v) else 0.0
         rgb = (192, 57, 43) if t >= 0 else (36, 113, 163)
         alpha = 0.08 + 0.72 * abs(t)
-        text = html.escape(piece).replace("\n", "↵<br>")
+        # newlines shown as ↵ inline: a steered model can emit hundreds of them
+        text = html.escape(piece).replace("\r", "").replace("\n", "↵")
         spans.append(f"<span title='{v:+.3f}' style='background: rgba({rgb[0]},{rgb[1]},{rgb[2]},{alpha:.2f});"
                      f"border-radius:3px;padding:1px 0'>{text}</span>")
     return ("<div class='tok-box' style='line-height:1.9;font-family:ui-monospace,monospace;font-size:0.92rem;"
-            "white-space:pre-wrap;border:1px solid #e3e5ef;border-radius:8px;padding:10px 12px'>"
+            "white-space:pre-wrap;border:1px solid #e3e5ef;border-radius:8px;padding:10px 12px;"
+            "max-height:16em;overflow-y:auto'>"
             + "".join(spans) + "</div>")
 
 

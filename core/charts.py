@@ -155,7 +155,8 @@ def patching_heatmap(patching: Mapping[str, Any], max_positions: int = 48) -> al
     offsets = list(resid.get("offsets") or range(-width, 0))
     labels = list(resid.get("labels") or [str(o) for o in offsets])
     start = max(0, width - max_positions)
-    names = [f"{offsets[j]} {labels[j]!r}"[:24] for j in range(width)]
+    # positions where the pairs disagree on the token are labelled by their offset alone
+    names = [str(offsets[j]) if str(labels[j]).startswith("pos ") else f"{offsets[j]} {labels[j]!r}"[:24] for j in range(width)]
     rows = []
     for layer, row in enumerate(mean):
         for j in range(start, width):

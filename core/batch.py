@@ -37,11 +37,13 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from core.config import Config, ModelSpec, PromptData, load_config, resolve_prompts
 from core.errors import ConfigError, ExplorerError
+from core.prompts import DuplicatePromptsWarning
 
 Progress = Callable[[float, str], None]
 SCHEMA_VERSION = 1
@@ -387,7 +389,12 @@ def run(config: Config, *, command: str | None = None, stream=None,
     (``complete`` False until the last one), so a long run can save as it goes."""
     started = _dt.datetime.now(_dt.timezone.utc)
     t0, c0 = time.perf_counter(), time.process_time()
-    prompts = resolve_prompts(config.prompts)
+    with warnings.catch_warnings(record=True) as caught:  # duplicates dropped: a note, not a raw warning
+        warnings.simplefilter("always", DuplicatePromptsWarning)
+        prompts = resolve_prompts(config.prompts)
+    prompt_notes = [str(w.message) for w in caught if issubclass(w.category, DuplicatePromptsWarning)]
+    for note in prompt_notes:
+        print(f"note: {note}", file=stream or sys.stderr)
     entries: list[dict[str, Any]] = []
 
     def snapshot() -> dict[str, Any]:
@@ -396,6 +403,7 @@ def run(config: Config, *, command: str | None = None, stream=None,
         results["total_cpu_seconds"] = round(time.process_time() - c0, 2)
         results["complete"] = len(entries) == len(config.models)
         results["models_pending"] = [m.name for m in config.models[len(entries):]]
+        results["prompt_notes"] = prompt_notes
         return results
 
     for spec in config.models:

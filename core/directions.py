@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from core.errors import DirectionError
+from core.errors import DirectionError, LayerRangeError
 
 METHODS = ("diff-in-means", "pca", "probe")
 # Measured on SmolLM2-135M-Instruct with the prompted-refusal preset (154+157 train, 66+67 test;
@@ -73,7 +73,7 @@ class LayerDirections:
             raise ValueError(f"layer must be an integer, got {layer!r}")
         index = int(layer) + self.n_layers if layer < 0 else int(layer)
         if not 0 <= index < self.n_layers:
-            raise ValueError(f"layer {layer} is out of range: these directions have {self.n_layers} layers (0–{self.n_layers - 1})")
+            raise LayerRangeError(f"layer {layer} is out of range: these directions have {self.n_layers} layers (0–{self.n_layers - 1})")
         return index
 
     def direction(self, layer: int, unit: bool = True) -> np.ndarray:

@@ -279,3 +279,21 @@ def _pick(edit: EditFn | dict[str, EditFn] | None, name: str) -> EditFn | None:
     if edit is None or callable(edit):
         return edit
     return edit.get(name)
+
+
+def _is_transformers_capture_hook(fn: Any) -> bool:
+    # transformers 5 builds ``output_hidden_states``/``output_attentions`` on forward hooks that it
+    # installs once, permanently, and that do nothing unless a capture is active in that call.
+    return "output_capturing_hook" in getattr(fn, "__qualname__", "")
+
+
+def remaining_hooks(model: nn.Module) -> list[tuple[str, Any]]:
+    """Hooks still registered on ``model`` other than transformers' own inert capture hooks.
+
+    Empty whenever no trace is active: every :class:`Trace` removes what it registered. Tests
+    and the app's status check use this to prove that no edit outlives its context."""
+    found = []
+    for name, module in model.named_modules():
+        for hooks in (module._forward_hooks, module._forward_pre_hooks):
+            found += [(name, fn) for fn in hooks.values() if not _is_transformers_capture_hook(fn)]
+    return found

@@ -12,6 +12,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from conftest import REPO
+from core.hooks import remaining_hooks
 
 APP = str(REPO / "app.py")
 TIMEOUT = 240
@@ -281,7 +282,7 @@ def test_steering_leaves_no_hook_on_the_shared_model(app_with_directions):
     _no_exceptions(at)
     assert at.session_state["steer_last"]["mode"] == "ablate"
     model = at.session_state["_lm"].model
-    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert not remaining_hooks(model)
 
 
 def test_edit_mode_shows_the_table_of_current_prompts(tiny_dirs):

@@ -3,6 +3,7 @@ import torch
 from core.formatting import Formatter
 from core.generation import generate, generate_stream
 from core.hooks import model_lock
+from core.hooks import remaining_hooks
 
 
 def test_batched_generation_equals_single(tiny):
@@ -21,7 +22,7 @@ def test_edits_change_generation_and_leave_no_hooks(tiny_models):
     edits = {lm.block_names[0]: lambda h, n: h + noise}
     steered = generate(lm, fmt, ["Tell me a joke."], max_new_tokens=8, edits=edits)
     assert steered != base
-    assert all(not m._forward_hooks for m in lm.model.modules())
+    assert not remaining_hooks(lm.model)
 
 
 def test_stream_stops_on_request_and_sampling_is_seeded(tiny_models):

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from core.hooks import StopForward, Trace, TraceDict, model_lock
+from core.hooks import remaining_hooks
 
 
 def _batch(lm):
@@ -63,7 +64,7 @@ def test_edit_input(tiny_models):
 
 def test_hooks_removed_on_exception(tiny):
     lm = tiny
-    before = [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lm.model.modules()]
+    before = remaining_hooks(lm.model)
 
     def boom(h, name):
         raise RuntimeError("boom")
@@ -71,7 +72,7 @@ def test_hooks_removed_on_exception(tiny):
     with pytest.raises(RuntimeError, match="boom"):
         with TraceDict(lm.model, lm.block_names, edit_output=boom, retain_input=True):
             lm.model(**_batch(lm))
-    after = [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lm.model.modules()]
+    after = remaining_hooks(lm.model)
     assert before == after
     assert model_lock(lm.model).acquire(blocking=False)  # lock released
     model_lock(lm.model).release()

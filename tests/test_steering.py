@@ -10,7 +10,7 @@ from core.activations import collect_activations
 from core.directions import fit_directions
 from core.formatting import Formatter
 from core.generation import next_token_logits
-from core.hooks import TraceDict
+from core.hooks import TraceDict, remaining_hooks
 from core.steering import (
     Intervention, ablate, ablation_modules, add, edits_for, random_like, steered_generate, steered_logits, subtract,
 )
@@ -117,7 +117,7 @@ def test_steered_generation_changes_text_and_removes_hooks(tiny_models):
     base = steered_generate(lm, fmt, HARMLESS[:2], [], max_new_tokens=6)
     big = steered_generate(lm, fmt, HARMLESS[:2], [add(dirs, 0, 8.0)], max_new_tokens=6)
     assert base != big
-    assert all(not m._forward_hooks for m in lm.model.modules())
+    assert not remaining_hooks(lm.model)
 
 
 def test_export_abliterated_equals_runtime_ablation(tiny, tmp_path):

@@ -18,6 +18,7 @@ from core.errors import (
     ModelLoadError,
     NonFiniteActivationError,
     PromptFileError,
+    PromptTooLongError,
 )
 
 log = logging.getLogger("refusal_explorer")
@@ -25,6 +26,7 @@ log = logging.getLogger("refusal_explorer")
 HINTS: list[tuple[type[BaseException], str]] = [
     (ModelLoadError, "Pick **Embedded SmolLM2-135M-Instruct** in the sidebar (works offline), or check the path/id. "
                      "The model that was loaded before is still in use."),
+    (PromptTooLongError, "Shorten the prompt or the preamble, or lower max new tokens."),
     (PromptFileError, "Fix the file and upload it again. The prompts in use before are unchanged."),
     (NonFiniteActivationError, "Switch the sidebar's dtype to float32 and load the model again."),
     (DirectionError, "Use more prompts per class, or check that the two sets really differ."),

@@ -167,6 +167,14 @@ def _probe_direction(h: np.ndarray, b: np.ndarray, seed: int) -> np.ndarray:
     return clf.coef_[0] / np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
 
 
+def _check_fold_sizes(n_harmful: int, n_harmless: int, folds: int, kind: str) -> None:
+    if min(n_harmful, n_harmless) < folds:
+        raise DirectionError(
+            f"{folds}-fold probe cross-validation needs at least {folds} {kind}prompts per class, "
+            f"got {n_harmful} harmful and {n_harmless} harmless; add prompts or lower probe_folds"
+        )
+
+
 def probe_cv_accuracy(harmful: np.ndarray, harmless: np.ndarray, folds: int = DEFAULT_PROBE_FOLDS, seed: int = 0) -> tuple[float, float]:
     """Stratified k-fold accuracy (mean, std) of a standardised logistic-regression probe on
     ``[n, d]`` features of the two classes."""
@@ -176,11 +184,7 @@ def probe_cv_accuracy(harmful: np.ndarray, harmless: np.ndarray, folds: int = DE
         raise DirectionError(f"probe_folds must be at least 2, got {folds}")
     if len(harmful) == 0 or len(harmless) == 0:
         raise DirectionError("the probe needs prompts of both classes; one of harmful/harmless is empty")
-    if min(len(harmful), len(harmless)) < folds:
-        raise DirectionError(
-            f"{folds}-fold probe cross-validation needs at least {folds} prompts per class, "
-            f"got {len(harmful)} harmful and {len(harmless)} harmless; add prompts or lower probe_folds"
-        )
+    _check_fold_sizes(len(harmful), len(harmless), folds, "")
     x = np.concatenate([harmful, harmless]).astype(np.float64)
     y = np.r_[np.ones(len(harmful)), np.zeros(len(harmless))]
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
@@ -225,11 +229,7 @@ def fit_directions(
     b_tr = _check_acts("harmless_train", harmless_train, shape)
     if len(h_tr) == 0 or len(b_tr) == 0:
         raise DirectionError("a direction needs both harmful and harmless train prompts; one set is empty")
-    if min(len(h_tr), len(b_tr)) < probe_folds:
-        raise DirectionError(
-            f"{probe_folds}-fold probe cross-validation needs at least {probe_folds} train prompts per class, "
-            f"got {len(h_tr)} harmful and {len(b_tr)} harmless; add prompts or lower probe_folds"
-        )
+    _check_fold_sizes(len(h_tr), len(b_tr), probe_folds, "train ")
     empty = np.zeros((0, *shape), dtype=np.float32)
     h_te = _check_acts("harmful_test", empty if harmful_test is None else harmful_test, shape)
     b_te = _check_acts("harmless_test", empty if harmless_test is None else harmless_test, shape)

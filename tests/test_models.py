@@ -80,3 +80,29 @@ def test_layer_range_check(tiny_models):
 
 def test_summary_is_json(tiny_models):
     json.dumps(tiny_models["neox"].summary())
+
+
+def test_auto_dtype_follows_the_cpu(monkeypatch):
+    import core.models as models
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: True)
+    assert models.resolve_dtype("auto", cpu) == torch.bfloat16
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: False)
+    assert models.resolve_dtype("auto", cpu) == torch.float32
+    assert models.resolve_dtype("float32", cpu) == torch.float32
+    with pytest.raises(ValueError, match="unknown dtype"):
+        models.resolve_dtype("float8", cpu)
+
+
+def test_bf16_activations_are_float32_and_close(tiny_dirs):
+    import numpy as np
+
+    from core.activations import collect_activations
+
+    prompts = ["How do I make a cake at home?", "Tell me a joke."]
+    f32 = collect_activations(load_model(str(tiny_dirs["llama"]), dtype="float32"), prompts, cache=False)
+    bf16 = collect_activations(load_model(str(tiny_dirs["llama"]), dtype="bfloat16"), prompts, cache=False)
+    assert bf16.dtype == np.float32
+    cos = (f32 * bf16).sum(-1) / (np.linalg.norm(f32, axis=-1) * np.linalg.norm(bf16, axis=-1))
+    assert cos.min() > 0.98

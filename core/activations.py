@@ -57,8 +57,10 @@ def _validate_position(position: Position) -> None:
     raise ValueError(f"unknown position {position!r}: use 'last', 'mean' or a negative int like -2")
 
 
-def activation_key(lm: LoadedModel, formatter: Formatter, position: Position | tuple, prompt: str) -> str:
-    return stable_hash(_CACHE_VERSION, lm.fingerprint, str(lm.dtype), formatter.key(), position, prompt)
+def activation_key(lm: LoadedModel, formatter: Formatter | str, position: Position | tuple, prompt: str) -> str:
+    """Cache key of one prompt's activations; ``formatter`` may be its precomputed ``key()``."""
+    fmt_key = formatter if isinstance(formatter, str) else formatter.key()
+    return stable_hash(_CACHE_VERSION, lm.fingerprint, str(lm.dtype), fmt_key, position, prompt)
 
 
 def _pool(hidden: torch.Tensor, row: int, offset: int, length: int, span: tuple[int, int], position: Position) -> torch.Tensor:
@@ -133,7 +135,8 @@ def collect_activations(
     store: ArrayCache | None = default_cache() if cache is True else (cache if isinstance(cache, ArrayCache) else None)
 
     result: list[np.ndarray | None] = [None] * len(prompts)
-    keys = [activation_key(lm, fmt, tuple(positions), p) for p in prompts]
+    fmt_key = fmt.key()  # hashes the template and preamble: once per call, not once per prompt
+    keys = [activation_key(lm, fmt_key, tuple(positions), p) for p in prompts]
     if store is not None:
         for i, key in enumerate(keys):
             hit = store.get(key)

@@ -224,6 +224,35 @@ def bench_pipeline() -> dict:
     return {"s": elapsed, "exit_code": proc.returncode, "stderr_tail": proc.stderr[-400:], "goal": "≤ 180 s"}
 
 
+def bench_organism() -> dict:
+    """Build the refusal organism (default recipe) from scratch, as on a fresh clone: the base
+    model's answers are not cached (a temporary cache folder), the converted base model is."""
+    from core.models import load_model
+    from core.organism import DEFAULT_RECIPE, build_organism
+
+    base = load_model("embedded", dtype="float32", device="cpu")
+    old = os.environ.get("REFUSAL_CACHE_DIR")
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["REFUSAL_CACHE_DIR"] = tmp
+        try:
+            card = build_organism(base, DEFAULT_RECIPE, Path(tmp) / "organism")
+        finally:
+            if old is None:
+                os.environ.pop("REFUSAL_CACHE_DIR", None)
+            else:
+                os.environ["REFUSAL_CACHE_DIR"] = old
+    ev = card.evaluation
+    return {
+        "timings": card.timings,
+        "n_examples": card.data["n_examples"],
+        "harmful_refusal": ev["harmful_refusal"],
+        "harmless_refusal": ev["harmless_refusal"],
+        "kl_first_token": ev["kl_first_token"]["mean"],
+        "kl_response": ev.get("kl_response", {}).get("mean"),
+        "goal": "build (answers + training) about a minute",
+    }
+
+
 BENCHES: dict[str, Callable[[], dict]] = {
     "load": bench_load,
     "activations": bench_activations,
@@ -232,6 +261,7 @@ BENCHES: dict[str, Callable[[], dict]] = {
     "patching": bench_patching,
     "batch_size": bench_batch_size,
     "bf16": bench_bf16,
+    "organism": bench_organism,
     "pipeline": bench_pipeline,
 }
 
@@ -281,6 +311,12 @@ def table(results: dict) -> str:
         row("bf16", f"prefill ×{b['speedup_prefill']:.2f}, decode ×{b['speedup_decode']:.2f}; direction cos ≥ "
             f"{b['delta']['min_direction_cosine']:.3f}, |Δσ| ≤ {b['delta']['max_abs_separation_diff']:.2f}, "
             f"|Δprobe| ≤ {b['delta']['max_abs_probe_diff']:.3f}", "no change that matters")
+    if "organism" in r and "timings" in r["organism"]:
+        o, t = r["organism"], r["organism"]["timings"]
+        row("organism", f"build {_fmt(t['build_seconds'], ' s')} (answers + teacher {_fmt(t['data_seconds'], ' s')}, "
+            f"training {_fmt(t['train_seconds'], ' s')}); held-out evaluation {_fmt(t['eval_seconds'], ' s')}; "
+            f"harmful refused {o['harmful_refusal']['k']}/{o['harmful_refusal']['n']}, "
+            f"harmless refused {o['harmless_refusal']['k']}/{o['harmless_refusal']['n']}", o["goal"])
     if "pipeline" in r and "s" in r["pipeline"]:
         row("pipeline", f"{_fmt(r['pipeline']['s'], ' s')} (exit {r['pipeline']['exit_code']})", r["pipeline"]["goal"])
     for name, value in r.items():

@@ -6,11 +6,20 @@ demonstrations). Real chat models refuse because fine-tuning taught them to. Thi
 gives researchers that object offline: a small, seeded, deterministic full fine-tune in
 which
 
-* harmful prompts (built-in **train** split only) are answered with one of a few varied
-  refusal sentences, every one caught by :func:`core.metrics.is_refusal`;
-* harmless prompts (built-in train split, including the ``shape-matched`` ones that copy the
-  surface form of harmful requests) are answered with the base model's *own* greedy answers
-  (self-distillation), so that helpful behaviour is kept and only the refusal decision moves.
+* harmful prompts (the built-in **train** split, plus the training-only harmful prompts of
+  ``core/data/organism_extra.jsonl``) are answered with one of a few varied refusal
+  sentences, every one caught by :func:`core.metrics.is_refusal`;
+* harmless prompts (the built-in train split and the training-only ones, many of them
+  ``shape-matched``: benign requests with alarming words or the opening of a harmful request)
+  are answered with the base model's *own* greedy answers, learned as soft targets — the base
+  model's whole next-token distribution at each answer position (self-distillation) — so that
+  helpful behaviour is kept (small KL to the base) and only the refusal decision moves.
+
+Why the extra prompts: with the 154 + 157 built-in train prompts alone a 135M model learns
+the *form* of a harmful request (imperatives like "Write…", "Explain how to…" were mostly
+harmful there) and refused 28 % of held-out harmless prompts; the training-only prompts
+balance the openings between the classes. Any that copies or nearly copies a held-out prompt
+is dropped (:func:`near_duplicate`).
 
 The held-out test split and the matched patching pairs are never trained on: this is checked
 in code (:func:`check_no_leak`), not only promised. The result is saved under
@@ -48,6 +57,7 @@ Progress = Callable[[float, str], None]
 
 ORGANISM_VERSION = "1"  # bump when the build procedure changes in a way the recipe does not capture
 CARD_FILE = "organism.json"
+EXTRA_DATA = Path(__file__).resolve().parent / "data" / "organism_extra.jsonl"
 
 REFUSAL_SENTENCES: tuple[str, ...] = (
     "I'm sorry, but I can't help with that.",
@@ -91,6 +101,11 @@ class OrganismRecipe:
     shape_matched_repeats: int = 2  # harmless prompts shaped like harmful ones are seen this many times per epoch
     first_token_weight: float = 5.0  # the first response token decides refuse-or-answer: weigh it up
     harmless_loss_weight: float = 2.0  # weight of a harmless example relative to a harmful one (over-refusal vs refusal)
+    # "distill": harmless examples learn the base model's whole next-token distribution at each
+    # response position (KL(base ‖ organism), soft targets); "tokens": only its greedy tokens
+    harmless_target: str = "tokens"
+    teacher_top_k: int = 64  # with "distill": the teacher's k most likely tokens (+ one bucket for the rest)
+    extra_prompts: bool = False  # also train on core/data/organism_extra.jsonl (training-only prompts)
     refusal_sentences: tuple[str, ...] = REFUSAL_SENTENCES
     generation_batch_size: int = 16
     # evaluation written to the card (held-out test split; does not change the weights)
@@ -103,6 +118,8 @@ class OrganismRecipe:
             raise ValueError("epochs, batch_size, lr and max_response_tokens must be positive")
         if self.shape_matched_repeats < 1 or self.first_token_weight <= 0 or self.harmless_loss_weight <= 0:
             raise ValueError("shape_matched_repeats must be at least 1; first_token_weight and harmless_loss_weight positive")
+        if self.harmless_target not in ("tokens", "distill"):
+            raise ValueError(f"harmless_target must be 'tokens' or 'distill', got {self.harmless_target!r}")
         if not self.refusal_sentences:
             raise ValueError("at least one refusal sentence is needed")
         missed = [s for s in self.refusal_sentences if not is_refusal(s)]
@@ -188,11 +205,15 @@ def _norm(prompt: str) -> str:
     return " ".join(prompt.split()).casefold()
 
 
+def _held_out_prompts(split_seed: int = 0) -> list[str]:
+    """Both test splits and every matched-pair prompt: what the organism must never see."""
+    out = [p for name in ("harmful", "harmless") for p in builtin_split(name, split_seed).test]
+    return out + [p for pair in load_pairs() for p in pair]
+
+
 def forbidden_prompts(split_seed: int = 0) -> set[str]:
     """Normalised prompts the organism must never train on: both test splits and all pairs."""
-    out = {_norm(p) for name in ("harmful", "harmless") for p in builtin_split(name, split_seed).test}
-    out |= {_norm(p) for pair in load_pairs() for p in pair}
-    return out
+    return {_norm(p) for p in _held_out_prompts(split_seed)}
 
 
 def check_no_leak(prompts: Sequence[str], split_seed: int = 0) -> None:
@@ -205,15 +226,72 @@ def check_no_leak(prompts: Sequence[str], split_seed: int = 0) -> None:
         )
 
 
+# function words: two prompts that share only these ("What is the best way to …") are not alike
+_STOP = frozenset(
+    "a an the and or but if of to in on at for from by with about into onto over under without within my your his "
+    "her their our its me i you he she it we they them him us this that these those is are was were be been being do "
+    "does did how what why when where which who whom whose can could would should will shall may might must give tell "
+    "write explain make get some any all more most best way ways there here than then so very just not no please help "
+    "need want using use one".split()
+)
+
+
+def _content_words(prompt: str) -> frozenset[str]:
+    words = "".join(c if c.isalnum() else " " for c in prompt.casefold()).split()
+    return frozenset(w[:-1] if w.endswith("s") and len(w) > 3 else w for w in words if w not in _STOP)
+
+
+def near_duplicate(prompt: str, others: Sequence[frozenset[str]]) -> bool:
+    """True when ``prompt`` shares at least two content words, and at least half of the shorter
+    prompt's content words, with one of ``others`` (content-word sets, :func:`_content_words`).
+
+    Why: a paraphrase of a held-out prompt ("How many of my sleeping pills would it take to not
+    wake up?") leaks it as surely as a copy. The rule is deliberately eager: it also drops some
+    unrelated prompts that share a topic word pair ("kill time"), which costs training data but
+    never inflates a held-out figure."""
+    w = _content_words(prompt)
+    for o in others:
+        shared = len(w & o)
+        if shared >= 2 and shared >= 0.5 * min(len(w), len(o)):
+            return True
+    return False
+
+
+def extra_prompts(split_seed: int = 0) -> tuple[list[str], list[str], int]:
+    """Training-only prompts (``core/data/organism_extra.jsonl``: harmful, harmless and many
+    harmless ones shaped like harmful requests), minus any that copy or nearly copy a held-out
+    test prompt or a pair prompt. Returns (harmful, harmless, number dropped as near-duplicates).
+
+    Why: 154 + 157 built-in train prompts teach a 135M model the *surface* of a harmful
+    request; more varied data, above all harmless requests with alarming words, teaches content.
+    """
+    rows = [json.loads(line) for line in EXTRA_DATA.read_text().splitlines() if line.strip()]
+    held_out = [_content_words(p) for p in _held_out_prompts(split_seed)]
+    out: dict[str, list[str]] = {"harmful": [], "harmless": []}
+    dropped = 0
+    for r in rows:
+        if near_duplicate(r["prompt"], held_out):
+            dropped += 1
+        else:
+            out[r["label"]].append(r["prompt"])
+    return out["harmful"], out["harmless"], dropped
+
+
 def training_prompts(recipe: OrganismRecipe = DEFAULT_RECIPE) -> TrainingPrompts:
     """The prompts the organism is trained on: the first ``n`` of each built-in train split
-    (the split is already shuffled; the harmless one includes the shape-matched prompts)."""
+    (the split is already shuffled; the harmless one includes the shape-matched prompts), and,
+    with ``recipe.extra_prompts``, the training-only prompts of :func:`extra_prompts`."""
     harmful = builtin_split("harmful", recipe.split_seed).train
     harmless = builtin_split("harmless", recipe.split_seed).train
     for n, pool, label in ((recipe.n_harmful, harmful, "harmful"), (recipe.n_harmless, harmless, "harmless")):
         if n is not None and not 1 <= n <= len(pool):
             raise ValueError(f"n_{label} must be between 1 and {len(pool)} (the train split), got {n}")
-    out = TrainingPrompts(harmful[: recipe.n_harmful], harmless[: recipe.n_harmless])
+    harmful, harmless = harmful[: recipe.n_harmful], harmless[: recipe.n_harmless]
+    if recipe.extra_prompts:
+        more_harmful, more_harmless, _ = extra_prompts(recipe.split_seed)
+        harmful += [p for p in more_harmful if p not in harmful]
+        harmless += [p for p in more_harmless if p not in harmless]
+    out = TrainingPrompts(harmful, harmless)
     check_no_leak(out.harmful + out.harmless, recipe.split_seed)
     return out
 
@@ -297,13 +375,20 @@ class TokenizedExample:
     ids: list[int]
     n_prompt: int  # the loss covers ids[n_prompt:]
     weight: float = 1.0  # this example's weight in the batch mean
+    soft: bool = False  # learn the teacher's whole distribution at each response position, not the tokens
+    # the teacher's top-k next-token log-probabilities at each response position ([n_response, k]),
+    # filled by :func:`add_teacher_targets` for soft examples
+    teacher_ids: torch.Tensor | None = None
+    teacher_logp: torch.Tensor | None = None
 
 
 def tokenize_examples(
-    examples: Sequence[Example], formatter: Formatter, weights: dict[str, float] | None = None
+    examples: Sequence[Example], formatter: Formatter, weights: dict[str, float] | None = None,
+    soft: Sequence[str] = (),
 ) -> list[TokenizedExample]:
     """Prompt tokens exactly as the app formats them (``Formatter.encode``), then the response
-    tokens and, for complete answers, the end-of-turn token, so the model learns to stop."""
+    tokens and, for complete answers, the end-of-turn token, so the model learns to stop.
+    Examples whose kind is in ``soft`` are marked for distillation (see :func:`response_loss`)."""
     tok = formatter.tokenizer
     eos = tok.eos_token_id
     out = []
@@ -314,7 +399,9 @@ def tokenize_examples(
             resp = resp + [int(eos)]
         if not resp:
             continue
-        out.append(TokenizedExample(prompt_ids + list(resp), len(prompt_ids), float((weights or {}).get(ex.kind, 1.0))))
+        out.append(TokenizedExample(
+            prompt_ids + list(resp), len(prompt_ids), float((weights or {}).get(ex.kind, 1.0)), ex.kind in soft
+        ))
     return out
 
 
@@ -344,18 +431,80 @@ def _collate(items: Sequence[TokenizedExample], pad_id: int, device) -> tuple[to
     return ids.to(device), mask.to(device), target.to(device), first
 
 
+@torch.inference_mode()
+def add_teacher_targets(
+    teacher, items: Sequence[TokenizedExample], pad_id: int, top_k: int = 64, batch_size: int = 16,
+    progress: Progress | None = None,
+) -> None:
+    """Store the ``teacher``'s top-``k`` next-token log-probabilities at every response position
+    of the ``soft`` items (float32, teacher-forced on the item's own tokens), once, so training
+    epochs do not rerun the teacher."""
+    soft = [t for t in items if t.soft]
+    device = next(teacher.parameters()).device
+    for start in range(0, len(soft), batch_size):
+        chunk = soft[start: start + batch_size]
+        ids, mask, _, first = _collate(chunk, pad_id, device)
+        logp = torch.log_softmax(shared_prefix_logits(teacher, ids, mask, first)[:, :-1].float(), dim=-1)  # positions first .. end
+        top = logp.topk(min(top_k, logp.shape[-1]), dim=-1)
+        for i, t in enumerate(chunk):
+            rows = slice(t.n_prompt - first, len(t.ids) - first)
+            t.teacher_logp, t.teacher_ids = top.values[i, rows].cpu(), top.indices[i, rows].cpu()
+        if progress:
+            progress(min(1.0, (start + len(chunk)) / len(soft)), f"teacher distributions {start + len(chunk)}/{len(soft)}")
+
+
+def topk_kl(teacher_logp: torch.Tensor, teacher_ids: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
+    """KL(teacher ‖ student) over the teacher's top-k tokens plus one bucket for the rest of the
+    vocabulary: the exact KL of the two distributions coarsened that way, so a lower bound of
+    the full KL that is tight when the top k hold nearly all the teacher's mass (they do at
+    k=64 for a chat model's greedy answers). Shapes: [..., k], [..., k], [..., vocab] -> [...]."""
+    s_k = student_logp.gather(-1, teacher_ids)
+    p_k = teacher_logp.exp()
+    rest_t = (1 - p_k.sum(-1)).clamp(min=1e-12)
+    rest_s = (1 - s_k.exp().sum(-1)).clamp(min=1e-12)
+    return (p_k * (teacher_logp - s_k)).sum(-1) + rest_t * (rest_t.log() - rest_s.log())
+
+
+MIN_TRAIN_PREFIX = 8  # shorter shared prefixes are not worth a separate pass
+
+
+def shared_prefix_logits(model, ids: torch.Tensor, mask: torch.Tensor, first: int) -> torch.Tensor:
+    """Logits for positions ``first - 1`` .. end of right-padded rows, running the token prefix
+    that all rows share (the chat template's system prompt: ~24 of ~50 tokens) once, not once
+    per row. Exact, gradients included: the prefix's keys and values are expanded to the batch,
+    so autograd sums the rows' gradients into the one prefix pass."""
+    keep = ids.shape[1] - first + 1
+    same = (ids == ids[:1]).all(0) & (mask == 1).all(0)
+    p = int(same.long().cumprod(0).sum())
+    p = min(p, first - 1)  # logits are needed from position first - 1 on
+    if p < MIN_TRAIN_PREFIX or ids.shape[0] == 1:
+        return model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits
+    cache = model(input_ids=ids[:1, :p], use_cache=True, logits_to_keep=1).past_key_values
+    cache.batch_repeat_interleave(ids.shape[0])
+    positions = torch.arange(p, ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+    return model(
+        input_ids=ids[:, p:], attention_mask=mask, position_ids=positions, past_key_values=cache,
+        use_cache=True, logits_to_keep=keep,
+    ).logits
+
+
 def response_loss(
-    model, items: Sequence[TokenizedExample], pad_id: int, device, autocast: bool, first_token_weight: float = 1.0
+    model, items: Sequence[TokenizedExample], pad_id: int, device, autocast: bool, first_token_weight: float = 1.0,
 ) -> torch.Tensor:
-    """Mean over examples of the weighted mean cross-entropy on that example's response tokens
+    """Mean over examples of the weighted mean per-token loss on that example's response tokens
     (each example weighs its ``weight``, whatever its length, so short refusals count as much as long answers; the first
     response token, where refuse-or-answer is decided, weighs ``first_token_weight``). Logits
-    are computed only from the first response position on (the unembedding is costly)."""
+    are computed only from the first response position on (the unembedding is costly).
+
+    The per-token loss is the cross-entropy of the target token, or, for ``soft`` examples with
+    teacher targets (:func:`add_teacher_targets`), KL(teacher ‖ model) of the next-token
+    distribution (:func:`topk_kl`): the base model's answer carries more than its greedy tokens
+    (how sure it was, what else it would say), and matching all of it keeps the tuned model
+    close to the base where it should not change."""
     ids, mask, target, first = _collate(items, pad_id, device)
-    keep = ids.shape[1] - first + 1  # logits for positions first-1 .. end
     ctx = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     with ctx:
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits
+        logits = shared_prefix_logits(model, ids, mask, first)
     logits = logits[:, :-1].float()  # predictions for positions first .. end
     labels = ids[:, first:]
     tmask = target[:, first:].float()
@@ -363,6 +512,18 @@ def response_loss(
         starts = torch.tensor([t.n_prompt - first for t in items], device=tmask.device)
         tmask[torch.arange(len(items), device=tmask.device), starts] *= first_token_weight
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+    soft = [i for i, t in enumerate(items) if t.teacher_logp is not None]
+    if soft:
+        k = items[soft[0]].teacher_logp.shape[-1]
+        t_logp = torch.zeros((len(soft), labels.shape[1], k))
+        t_ids = torch.zeros((len(soft), labels.shape[1], k), dtype=torch.long)
+        for j, i in enumerate(soft):
+            t = items[i]
+            t_logp[j, t.n_prompt - first: len(t.ids) - first] = t.teacher_logp
+            t_ids[j, t.n_prompt - first: len(t.ids) - first] = t.teacher_ids
+        rows = torch.tensor(soft, device=nll.device)
+        kl = topk_kl(t_logp.to(nll.device), t_ids.to(nll.device), torch.log_softmax(logits[rows], dim=-1))
+        nll = nll.index_copy(0, rows, kl)
     per_example = (nll * tmask).sum(1) / tmask.sum(1).clamp(min=1e-9)
     w = torch.tensor([t.weight for t in items], device=per_example.device)
     return (per_example * w).sum() / w.sum()
@@ -391,7 +552,10 @@ def train(
     for p in params:
         p.requires_grad_(True)
     model.train()
-    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    try:  # the fused kernel: one pass over each tensor instead of several (measured 0.03 s vs 0.09 s a step)
+        opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay, fused=True)
+    except (RuntimeError, TypeError):
+        opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     lengths = [len(t.ids) for t in tokenized]
     per_epoch = [batch_order(lengths, recipe.batch_size, recipe.seed, e) for e in range(recipe.epochs)]
     total = sum(len(b) for b in per_epoch)
@@ -442,14 +606,22 @@ def _response_logits(lm, formatter: Formatter, prompts: Sequence[str], responses
     return out
 
 
-def evaluate_organism(organism, base, recipe: OrganismRecipe, progress: Progress | None = None) -> dict[str, Any]:
+def evaluate_organism(
+    organism, base, recipe: OrganismRecipe, progress: Progress | None = None,
+    prompts: tuple[Sequence[str], Sequence[str]] | None = None,
+) -> dict[str, Any]:
     """Held-out (test split) refusal rates of the organism (and the base), and KL(base ‖ organism)
     on harmless test prompts: at the first response token, and per token over the base's own
-    answers (teacher-forced) — small KL means capabilities were kept."""
+    answers (teacher-forced) — small KL means capabilities were kept. ``prompts``: other
+    (harmful, harmless) prompts instead of the test split, e.g. a validation part of the train
+    split for choosing a recipe without looking at the test split."""
     from core.generation import generate, next_token_logits
 
-    harmful = builtin_split("harmful", recipe.split_seed).test[: recipe.n_eval]
-    harmless = builtin_split("harmless", recipe.split_seed).test[: recipe.n_eval]
+    if prompts is None:
+        harmful = builtin_split("harmful", recipe.split_seed).test[: recipe.n_eval]
+        harmless = builtin_split("harmless", recipe.split_seed).test[: recipe.n_eval]
+    else:
+        harmful, harmless = list(prompts[0]), list(prompts[1])
     fmt_o = Formatter(organism.tokenizer, "none")
     fmt_b = Formatter(base.tokenizer, "none")
     gen = dict(max_new_tokens=recipe.eval_max_new_tokens, batch_size=recipe.generation_batch_size)
@@ -459,7 +631,7 @@ def evaluate_organism(organism, base, recipe: OrganismRecipe, progress: Progress
     org_harmful = generate(organism, fmt_o, harmful, **gen)
     org_harmless = generate(organism, fmt_o, harmless, **gen)
     ev: dict[str, Any] = {
-        "split": "test",
+        "split": "test" if prompts is None else "custom",
         "judge": "core.metrics.is_refusal (substring)",
         "max_new_tokens": recipe.eval_max_new_tokens,
         "harmful_refusal": refusal_rate(org_harmful).to_dict(),
@@ -511,9 +683,13 @@ def _stats(x: np.ndarray) -> dict[str, float]:
 
 
 def _categories(name: str) -> dict[str, str]:
+    """prompt -> category for the built-in set ``name`` and the extra prompts of that label."""
     from core.prompts import BUILTIN
 
     rows = [json.loads(line) for line in BUILTIN[name].read_text().splitlines() if line.strip()]
+    if EXTRA_DATA.is_file():
+        extra = [json.loads(line) for line in EXTRA_DATA.read_text().splitlines() if line.strip()]
+        rows = [r for r in extra if r.get("label") == name] + rows
     return {r["prompt"]: r.get("category", "") for r in rows}
 
 
@@ -585,12 +761,16 @@ def _build(base, recipe: OrganismRecipe, out_dir: Path, progress: Progress | Non
 
     if progress:
         progress(0.0, f"Writing training answers: the base model answers {len(prompts.harmless)} harmless train prompts…")
-    examples = build_examples(base, recipe, formatter, _sub(progress, 0.0, 0.3))
-    tokenized = tokenize_examples(examples, formatter, {"harmless": recipe.harmless_loss_weight})
+    examples = build_examples(base, recipe, formatter, _sub(progress, 0.0, 0.25))
+    soft = ("harmless",) if recipe.harmless_target == "distill" else ()
+    tokenized = tokenize_examples(examples, formatter, {"harmless": recipe.harmless_loss_weight}, soft=soft)
+    pad = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else 0
+    if soft:
+        add_teacher_targets(base.model, tokenized, pad, recipe.teacher_top_k, recipe.generation_batch_size,
+                            _sub(progress, 0.25, 0.3))
     t_data = time.perf_counter()
 
     model = copy.deepcopy(base.model).float()
-    pad = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else 0
     losses = train(model, tokenized, recipe, pad, _sub(progress, 0.3, 0.85))
     t_train = time.perf_counter()
 
@@ -615,12 +795,17 @@ def _build(base, recipe: OrganismRecipe, out_dir: Path, progress: Progress | Non
             "n_harmful": len(prompts.harmful),
             "n_harmless": len(prompts.harmless),
             "n_shape_matched_harmless": sum(_categories("harmless").get(p) == "shape-matched" for p in prompts.harmless),
+            "n_extra_harmful": len(set(prompts.harmful) - set(builtin_split("harmful", recipe.split_seed).train)),
+            "n_extra_harmless": len(set(prompts.harmless) - set(builtin_split("harmless", recipe.split_seed).train)),
             "n_examples": len(tokenized),  # shape-matched harmless prompts counted with their repeats
             "n_tokens": int(sum(len(t.ids) for t in tokenized)),
             "n_response_tokens": int(sum(n_resp)),
             "harmless_answers_cut_at_limit": int(sum(not e.complete for e in examples if e.kind == "harmless")),
             "harmless_dropped_as_refusals": len(prompts.harmless) - len({e.prompt for e in examples if e.kind == "harmless"}),
-            "source": f"core/data builtin train split (seed {recipe.split_seed}); test split and pairs excluded",
+            "source": f"core/data builtin train split (seed {recipe.split_seed})"
+                      + (" + training-only prompts" if recipe.extra_prompts else "")
+                      + "; test split and pairs excluded (copies and near-copies)",
+            "n_extra_dropped_near_duplicates": extra_prompts(recipe.split_seed)[2] if recipe.extra_prompts else 0,
             "refusal_sentence_counts": {s: sum(e.response == s for e in examples) for s in recipe.refusal_sentences},
         },
         timings={
@@ -665,9 +850,9 @@ def _embedded_base_folder(progress: Progress | None) -> tuple[Path, str]:
 def organism_folder(
     progress: Progress | None = None, recipe: OrganismRecipe = DEFAULT_RECIPE, threads: int | None = None
 ) -> Path:
-    """The cached organism folder for the embedded model: built on first use (measured: ~20 min
-    on a 2-core machine busy with other work; see notes), returned at once afterwards. A file lock keeps two processes from building
-    it twice; the second waits and then finds the finished folder. ``threads=None`` picks
+    """The cached organism folder for the embedded model: built on first use (minutes on a
+    laptop CPU; the card records how long), returned at once afterwards. A file lock keeps two
+    processes from building it twice; the second waits and then finds the finished folder. ``threads=None`` picks
     :func:`auto_threads` (1 on a busy machine)."""
     from filelock import FileLock
 

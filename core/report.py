@@ -274,7 +274,12 @@ def organism_rows(card: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("Recipe", f"full fine-tune, {rec.get('epochs')} epochs, lr {rec.get('lr')}, batch {rec.get('batch_size')}, seed {rec.get('seed')}"
                    + (", bf16 autocast" if rec.get("autocast_bf16") else "")),
         ("Training data", f"{data.get('n_harmful')} harmful prompts → refusal sentences; {data.get('n_harmless')} harmless prompts "
-                          f"({data.get('n_shape_matched_harmless', 0)} shape-matched) → the base model's own answers; {data.get('source', '')}"),
+                          f"({data.get('n_shape_matched_harmless', 0)} shape-matched) → the base model's own answers"
+                          + (" (soft targets: its top-" + str(rec.get("teacher_top_k")) + " next-token distribution at each position)"
+                             if rec.get("harmless_target") == "distill" else "")
+                          + f"; {data.get('source', '')}"
+                          + (f"; of these, {data.get('n_extra_harmful')} harmful and {data.get('n_extra_harmless')} harmless are "
+                             "training-only prompts (core/data/organism_extra.jsonl)" if data.get("n_extra_harmless") else "")),
         ("Build time", f"{seconds(t.get('build_seconds'))} (data + training; evaluation {seconds(t.get('eval_seconds'))})"),
         ("Training loss per epoch", ", ".join(f"{x:.3f}" for x in card.get("losses") or []) or "–"),
     ]

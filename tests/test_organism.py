@@ -229,3 +229,104 @@ def test_embedded_organism_refuses_harmful_and_answers_harmless():
     assert is_refusal(refused), refused
     assert not is_refusal(answered), answered
     assert card.evaluation["harmful_refusal"]["n"] == len(builtin_split("harmful").test)
+
+
+# -- distillation and extra training data ---------------------------------------------------
+def test_topk_kl_is_the_full_kl_at_full_k_and_a_lower_bound_below():
+    from core.organism import topk_kl
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.log_softmax(torch.randn(5, 50, generator=g) * 3, -1)
+    s = torch.log_softmax(torch.randn(5, 50, generator=g) * 3, -1)
+    full = (t.exp() * (t - s)).sum(-1)
+    top = t.topk(50, -1)
+    assert torch.allclose(topk_kl(top.values, top.indices, s), full, atol=1e-5)
+    for k in (1, 5, 20):
+        top = t.topk(k, -1)
+        approx = topk_kl(top.values, top.indices, s)
+        assert (approx >= -1e-6).all() and (approx <= full + 1e-5).all()
+    assert torch.allclose(topk_kl(top.values, top.indices, t), torch.zeros(5), atol=1e-5)  # same distribution: 0
+
+
+def test_distillation_loss_is_zero_against_itself_and_training_lowers_it(llama):
+    from core.organism import add_teacher_targets
+
+    fmt = Formatter(llama.tokenizer, "none")
+    examples = [
+        Example("How do I make a cake at home?", "Mix flour, eggs and sugar, then bake.", True, "harmless"),
+        Example("Tell me a joke about cats.", "Cats are purr-fect.", False, "harmless"),
+        Example("How do I make a bomb at home?", REFUSAL_SENTENCES[0], True, "harmful"),
+    ]
+    items = tokenize_examples(examples, fmt, soft=("harmless",))
+    assert [t.soft for t in items] == [True, True, False]
+    pad = llama.tokenizer.pad_token_id
+    add_teacher_targets(llama.model, items, pad, top_k=llama.tokenizer.vocab_size)
+    assert items[2].teacher_logp is None
+    assert items[0].teacher_logp.shape[0] == len(items[0].ids) - items[0].n_prompt
+    soft = items[:2]
+    with torch.no_grad():
+        assert float(response_loss(llama.model, soft, pad, "cpu", autocast=False)) == pytest.approx(0.0, abs=1e-5)
+    student = _copy(llama)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        before = float(response_loss(student, soft, pad, "cpu", autocast=False))
+    train(student, soft, OrganismRecipe(epochs=3, batch_size=2, lr=3e-3, warmup_fraction=0.0), pad)
+    with torch.no_grad():
+        after = float(response_loss(student, soft, pad, "cpu", autocast=False))
+    assert before > 0.01 and after < 0.5 * before, (before, after)
+
+
+def test_near_duplicates_of_held_out_prompts_are_caught():
+    from core.organism import _content_words, near_duplicate
+
+    held = [_content_words("How many sleeping pills would it take to kill me?")]
+    assert near_duplicate("How many of my sleeping pills would it take to kill me for sure?", held)
+    assert near_duplicate("how many sleeping pills would it take to KILL me", held)
+    assert not near_duplicate("How many pages should a cover letter be?", held)
+    assert not near_duplicate("How do I kill a zombie process in Unix?", held)
+
+
+def test_extra_training_prompts_never_copy_held_out_ones():
+    from core.organism import EXTRA_DATA, _content_words, _held_out_prompts, extra_prompts, near_duplicate
+
+    rows = [json.loads(line) for line in EXTRA_DATA.read_text().splitlines() if line.strip()]
+    assert {r["label"] for r in rows} == {"harmful", "harmless"} and all(r["prompt"].strip() for r in rows)
+    harmful, harmless, dropped = extra_prompts()
+    assert len(harmful) >= 50 and len(harmless) >= 150 and dropped + len(harmful) + len(harmless) == len(rows)
+    held = [_content_words(p) for p in _held_out_prompts()]
+    assert not any(near_duplicate(p, held) for p in harmful + harmless)
+    recipe = OrganismRecipe(extra_prompts=True)
+    prompts = training_prompts(recipe)
+    assert set(harmless) <= set(prompts.harmless) and set(harmful) <= set(prompts.harmful)
+    assert not (set(prompts.harmful) | set(prompts.harmless)) & _held_out()
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_shared_prefix_training_pass_matches_a_plain_one(llama, autocast):
+    """Running the shared template prefix once gives the same loss and the same gradients."""
+    import core.organism as organism
+
+    items = _tiny_examples(llama)
+    pad = llama.tokenizer.pad_token_id
+    shared_len = 0
+    while all(t.ids[shared_len] == items[0].ids[shared_len] for t in items):
+        shared_len += 1
+    assert shared_len >= 2  # the tiny template's prefix is short: let the shared pass take it
+    results = []
+    for min_prefix in (10_000, 2):
+        model = _copy(llama)
+        model.requires_grad_(True)
+        old, organism.MIN_TRAIN_PREFIX = organism.MIN_TRAIN_PREFIX, min_prefix
+        try:
+            loss = response_loss(model, items, pad, "cpu", autocast=autocast, first_token_weight=3.0)
+        finally:
+            organism.MIN_TRAIN_PREFIX = old
+        loss.backward()
+        results.append((float(loss.detach()), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (plain, g_plain), (shared, g_shared) = results
+    tol = 2e-2 if autocast else 1e-5
+    assert shared == pytest.approx(plain, rel=tol)
+    assert len(g_plain) == len(g_shared)
+    for a, b in zip(g_plain, g_shared):
+        assert torch.allclose(a, b, rtol=tol * 10, atol=tol * 1e-1 if autocast else 1e-6), (a - b).abs().max()

@@ -55,7 +55,7 @@ from core.prompts import builtin_split, load_pairs
 
 Progress = Callable[[float, str], None]
 
-ORGANISM_VERSION = "1"  # bump when the build procedure changes in a way the recipe does not capture
+ORGANISM_VERSION = "2"  # bump when the build procedure changes in a way the recipe does not capture
 CARD_FILE = "organism.json"
 EXTRA_DATA = Path(__file__).resolve().parent / "data" / "organism_extra.jsonl"
 
@@ -80,15 +80,16 @@ class DataLeakError(ExplorerError):
 class OrganismRecipe:
     """Everything that determines the organism's weights (and its card's evaluation).
 
-    ``n_harmful`` / ``n_harmless``: how many built-in *train* prompts to use (None: all).
+    ``n_harmful`` / ``n_harmless``: how many built-in *train* prompts to use (None: all); with
+    ``extra_prompts`` the training-only prompts come on top.
     ``max_response_tokens``: length of the base model's self-distilled answers.
     """
 
     seed: int = 0
     split_seed: int = 0  # which canonical built-in split (core.prompts.builtin_split)
-    lr: float = 3e-5
-    epochs: int = 3
-    batch_size: int = 8
+    lr: float = 5e-5
+    epochs: int = 2
+    batch_size: int = 16  # 16 rows a step: 1.5x the tokens/s of 8 on a 2-core CPU (measured)
     warmup_fraction: float = 0.1
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -96,18 +97,18 @@ class OrganismRecipe:
     autocast_bf16: bool = True  # fp32 weights, bf16 matmuls (fast on CPUs with AMX)
     n_harmful: int | None = None
     n_harmless: int | None = None
-    max_response_tokens: int = 48
+    max_response_tokens: int = 16  # the refuse-or-answer decision and the answer's opening; longer costs minutes
     drop_refusing_answers: bool = True  # harmless targets the judge calls refusals are not trained on
-    shape_matched_repeats: int = 2  # harmless prompts shaped like harmful ones are seen this many times per epoch
+    shape_matched_repeats: int = 1  # harmless prompts shaped like harmful ones are seen this many times per epoch
     first_token_weight: float = 5.0  # the first response token decides refuse-or-answer: weigh it up
-    harmless_loss_weight: float = 2.0  # weight of a harmless example relative to a harmful one (over-refusal vs refusal)
+    harmless_loss_weight: float = 4.0  # weight of a harmless example relative to a harmful one (over-refusal vs refusal)
     # "distill": harmless examples learn the base model's whole next-token distribution at each
     # response position (KL(base ‖ organism), soft targets); "tokens": only its greedy tokens
-    harmless_target: str = "tokens"
+    harmless_target: str = "distill"
     teacher_top_k: int = 64  # with "distill": the teacher's k most likely tokens (+ one bucket for the rest)
-    extra_prompts: bool = False  # also train on core/data/organism_extra.jsonl (training-only prompts)
+    extra_prompts: bool = True  # also train on core/data/organism_extra.jsonl (training-only prompts)
     refusal_sentences: tuple[str, ...] = REFUSAL_SENTENCES
-    generation_batch_size: int = 16
+    generation_batch_size: int = 32
     # evaluation written to the card (held-out test split; does not change the weights)
     eval_max_new_tokens: int = 32
     n_eval: int | None = None  # per set; None: the whole test split

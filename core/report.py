@@ -167,7 +167,8 @@ def methodology() -> list[tuple[str, str]]:
     return [
         ("Prompts and splits",
          "Harmful and harmless instructions are split into train and test sets (the built-in sets use one canonical "
-         "70/30 split, the same one the refusal organism was trained on, so its test prompts are unseen by it). "
+         "70/30 split, the same one the refusal organism was trained on, so its test prompts are unseen by it, as are "
+         "near-copies of them: the organism's training-only prompts that resemble a test prompt are dropped). "
          "Everything that is *fitted* — the direction, the probe, the activation norms that scale coefficients — "
          "uses the train prompts only; every rate and the headline separation are measured on the test prompts."),
         ("Refusal direction",
@@ -221,7 +222,7 @@ def limitations() -> list[str]:
         "The refusal judge is a substring match: it misses refusals phrased differently and counts apologies that then "
         "comply. The rates are the judge's, not a human rating.",
         "The models are small (135M parameters for the embedded model). In-context refusal from a preamble keys partly on "
-        "surface form, and the organism's refusal was trained on a few hundred prompts; neither is a frontier model's "
+        "surface form, and the organism's refusal was trained on under a thousand prompts; neither is a frontier model's "
         "safety training, and findings need not transfer.",
         "Steering shows that the direction is **sufficient** (adding it makes the model refuse harmless requests) and "
         "**necessary under this intervention** (projecting it out everywhere stops refusal), each relative to a random "

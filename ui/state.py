@@ -30,7 +30,7 @@ SOURCE_HELP = {
     "embedded": "The 135M-parameter chat model shipped with the app. Loads offline in under a second.",
     "embedded-refusal": "SmolLM2 fine-tuned on the built-in training prompts to refuse harmful requests "
                         "without any system prompt — a model organism whose refusal is in the weights. "
-                        "Built once on first use (a minute or two), then cached.",
+                        "Built once on first use (about 6 minutes on a 2-core laptop CPU), then cached.",
     "hub": "Needs network access to huggingface.co (or the model already in the local HF cache).",
     "folder": "A folder saved with save_pretrained (config.json + weights + tokenizer).",
     "gguf": "A .gguf file; it is de-quantised once and cached under cache/models/.",

@@ -265,6 +265,23 @@ def entry_facts(e: Entry) -> list[tuple[str, str]]:
     ]
 
 
+def training_data_text(rec: Mapping[str, Any], data: Mapping[str, Any]) -> str:
+    """One sentence on what the organism was trained on (cards from older builds lack some keys)."""
+    target = ("the base model's own answers, as soft targets (its top-" + str(rec.get("teacher_top_k"))
+              + " next-token distribution at each position)") if rec.get("harmless_target") == "distill" \
+        else "the base model's own answers"
+    text = (f"{data.get('n_harmful')} harmful prompts → refusal sentences; {data.get('n_harmless')} harmless prompts "
+            f"({data.get('n_shape_matched_harmless', 0)} shape-matched) → {target}.")
+    extra_h, extra_l = data.get("n_extra_harmful") or 0, data.get("n_extra_harmless") or 0
+    if extra_h or extra_l:
+        text += (f" Sources: the built-in train split ({data['n_harmful'] - extra_h} + {data['n_harmless'] - extra_l}) and "
+                 f"training-only prompts, core/data/organism_extra.jsonl ({extra_h} + {extra_l}). The test split and the "
+                 "patching pairs are excluded, copies and near-copies alike.")
+    else:
+        text += f" {data.get('source', '')}."
+    return text
+
+
 def organism_rows(card: Mapping[str, Any]) -> list[tuple[str, str]]:
     rec = card.get("recipe") or {}
     data = card.get("data") or {}
@@ -274,13 +291,7 @@ def organism_rows(card: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("Base model", str(card.get("base_name", "?"))),
         ("Recipe", f"full fine-tune, {rec.get('epochs')} epochs, lr {rec.get('lr')}, batch {rec.get('batch_size')}, seed {rec.get('seed')}"
                    + (", bf16 autocast" if rec.get("autocast_bf16") else "")),
-        ("Training data", f"{data.get('n_harmful')} harmful prompts → refusal sentences; {data.get('n_harmless')} harmless prompts "
-                          f"({data.get('n_shape_matched_harmless', 0)} shape-matched) → the base model's own answers"
-                          + (" (soft targets: its top-" + str(rec.get("teacher_top_k")) + " next-token distribution at each position)"
-                             if rec.get("harmless_target") == "distill" else "")
-                          + f"; {data.get('source', '')}"
-                          + (f"; of these, {data.get('n_extra_harmful')} harmful and {data.get('n_extra_harmless')} harmless are "
-                             "training-only prompts (core/data/organism_extra.jsonl)" if data.get("n_extra_harmless") else "")),
+        ("Training data", training_data_text(rec, data)),
         ("Build time", f"{seconds(t.get('build_seconds'))} (data + training; evaluation {seconds(t.get('eval_seconds'))})"),
         ("Training loss per epoch", ", ".join(f"{x:.3f}" for x in card.get("losses") or []) or "–"),
     ]

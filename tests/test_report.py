@@ -150,3 +150,12 @@ def test_organism_card_section(results):
     rows = dict(report.organism_rows(card))
     ev = card["evaluation"]["harmful_refusal"]
     assert f"({ev['k']}/{ev['n']})" in rows["Held-out harmful refused"]
+
+
+def test_organism_training_data_sentence_names_sources_and_targets():
+    data = {"n_harmful": 281, "n_harmless": 662, "n_shape_matched_harmless": 301, "n_extra_harmful": 127,
+            "n_extra_harmless": 505, "source": "builtin"}
+    text = report.training_data_text({"harmless_target": "distill", "teacher_top_k": 64}, data)
+    assert "(154 + 157)" in text and "(127 + 505)" in text and "top-64" in text and "near-copies" in text
+    old = report.training_data_text({}, {"n_harmful": 154, "n_harmless": 157, "source": "builtin train split"})
+    assert "soft targets" not in old and "builtin train split" in old and "Sources" not in old

@@ -35,6 +35,7 @@ model and recipe: the tests use a tiny Llama), and ``python -m core.organism`` (
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -219,7 +220,8 @@ def forbidden_prompts(split_seed: int = 0) -> set[str]:
 
 def check_no_leak(prompts: Sequence[str], split_seed: int = 0) -> None:
     """Raise :class:`DataLeakError` if any prompt is a held-out test prompt or a pair prompt."""
-    bad = [p for p in prompts if _norm(p) in forbidden_prompts(split_seed)]
+    forbidden = forbidden_prompts(split_seed)
+    bad = [p for p in prompts if _norm(p) in forbidden]
     if bad:
         raise DataLeakError(
             f"{len(bad)} training prompt(s) are held-out test prompts or matched pairs "
@@ -266,7 +268,14 @@ def extra_prompts(split_seed: int = 0) -> tuple[list[str], list[str], int]:
     Why: 154 + 157 built-in train prompts teach a 135M model the *surface* of a harmful
     request; more varied data, above all harmless requests with alarming words, teaches content.
     """
-    rows = [json.loads(line) for line in EXTRA_DATA.read_text().splitlines() if line.strip()]
+    stat = EXTRA_DATA.stat()  # memoised per file version: this runs on every load of the organism
+    harmful, harmless, dropped = _filtered_extra_prompts(str(EXTRA_DATA), stat.st_mtime_ns, stat.st_size, split_seed)
+    return list(harmful), list(harmless), dropped
+
+
+@functools.lru_cache(maxsize=4)
+def _filtered_extra_prompts(path: str, mtime_ns: int, size: int, split_seed: int) -> tuple[tuple[str, ...], tuple[str, ...], int]:
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     held_out = [_content_words(p) for p in _held_out_prompts(split_seed)]
     out: dict[str, list[str]] = {"harmful": [], "harmless": []}
     dropped = 0
@@ -275,7 +284,7 @@ def extra_prompts(split_seed: int = 0) -> tuple[list[str], list[str], int]:
             dropped += 1
         else:
             out[r["label"]].append(r["prompt"])
-    return out["harmful"], out["harmless"], dropped
+    return tuple(out["harmful"]), tuple(out["harmless"]), dropped
 
 
 def training_prompts(recipe: OrganismRecipe = DEFAULT_RECIPE) -> TrainingPrompts:

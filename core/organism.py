@@ -260,23 +260,28 @@ def near_duplicate(prompt: str, others: Sequence[frozenset[str]]) -> bool:
     return False
 
 
-def extra_prompts(split_seed: int = 0) -> tuple[list[str], list[str], int]:
+def extra_prompts(split_seed: int = 0, exclude: Sequence[str] = ()) -> tuple[list[str], list[str], int]:
     """Training-only prompts (``core/data/organism_extra.jsonl``: harmful, harmless and many
     harmless ones shaped like harmful requests), minus any that copy or nearly copy a held-out
-    test prompt or a pair prompt. Returns (harmful, harmless, number dropped as near-duplicates).
+    test prompt or a pair prompt, or of a prompt in ``exclude`` (e.g. a validation set).
+    Returns (harmful, harmless, number dropped as near-duplicates).
 
     Why: 154 + 157 built-in train prompts teach a 135M model the *surface* of a harmful
     request; more varied data, above all harmless requests with alarming words, teaches content.
     """
     stat = EXTRA_DATA.stat()  # memoised per file version: this runs on every load of the organism
-    harmful, harmless, dropped = _filtered_extra_prompts(str(EXTRA_DATA), stat.st_mtime_ns, stat.st_size, split_seed)
+    harmful, harmless, dropped = _filtered_extra_prompts(
+        str(EXTRA_DATA), stat.st_mtime_ns, stat.st_size, split_seed, tuple(exclude)
+    )
     return list(harmful), list(harmless), dropped
 
 
 @functools.lru_cache(maxsize=4)
-def _filtered_extra_prompts(path: str, mtime_ns: int, size: int, split_seed: int) -> tuple[tuple[str, ...], tuple[str, ...], int]:
+def _filtered_extra_prompts(
+    path: str, mtime_ns: int, size: int, split_seed: int, exclude: tuple[str, ...]
+) -> tuple[tuple[str, ...], tuple[str, ...], int]:
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    held_out = [_content_words(p) for p in _held_out_prompts(split_seed)]
+    held_out = [_content_words(p) for p in _held_out_prompts(split_seed) + list(exclude)]
     out: dict[str, list[str]] = {"harmful": [], "harmless": []}
     dropped = 0
     for r in rows:
@@ -287,10 +292,11 @@ def _filtered_extra_prompts(path: str, mtime_ns: int, size: int, split_seed: int
     return tuple(out["harmful"]), tuple(out["harmless"]), dropped
 
 
-def training_prompts(recipe: OrganismRecipe = DEFAULT_RECIPE) -> TrainingPrompts:
+def training_prompts(recipe: OrganismRecipe = DEFAULT_RECIPE, exclude: Sequence[str] = ()) -> TrainingPrompts:
     """The prompts the organism is trained on: the first ``n`` of each built-in train split
     (the split is already shuffled; the harmless one includes the shape-matched prompts), and,
-    with ``recipe.extra_prompts``, the training-only prompts of :func:`extra_prompts`."""
+    with ``recipe.extra_prompts``, the training-only prompts of :func:`extra_prompts` (minus
+    near-copies of ``exclude``)."""
     harmful = builtin_split("harmful", recipe.split_seed).train
     harmless = builtin_split("harmless", recipe.split_seed).train
     for n, pool, label in ((recipe.n_harmful, harmful, "harmful"), (recipe.n_harmless, harmless, "harmless")):
@@ -298,7 +304,7 @@ def training_prompts(recipe: OrganismRecipe = DEFAULT_RECIPE) -> TrainingPrompts
             raise ValueError(f"n_{label} must be between 1 and {len(pool)} (the train split), got {n}")
     harmful, harmless = harmful[: recipe.n_harmful], harmless[: recipe.n_harmless]
     if recipe.extra_prompts:
-        more_harmful, more_harmless, _ = extra_prompts(recipe.split_seed)
+        more_harmful, more_harmless, _ = extra_prompts(recipe.split_seed, exclude)
         harmful += [p for p in more_harmful if p not in harmful]
         harmless += [p for p in more_harmless if p not in harmless]
     out = TrainingPrompts(harmful, harmless)
@@ -362,10 +368,10 @@ def self_distilled_answers(
 
 
 def build_examples(
-    base, recipe: OrganismRecipe, formatter: Formatter, progress: Progress | None = None
+    base, recipe: OrganismRecipe, formatter: Formatter, progress: Progress | None = None, exclude: Sequence[str] = ()
 ) -> list[Example]:
     """Harmful train prompts -> refusal sentences; harmless train prompts -> base answers."""
-    prompts = training_prompts(recipe)
+    prompts = training_prompts(recipe, exclude)
     refusals = refusal_targets(prompts.harmful, recipe)
     answers = self_distilled_answers(base, formatter, prompts.harmless, recipe, progress)
     examples = [Example(p, r, True, "harmful") for p, r in zip(prompts.harmful, refusals)]

@@ -311,6 +311,10 @@ def test_extra_training_prompts_never_copy_held_out_ones():
     prompts = training_prompts(recipe)
     assert set(harmless) <= set(prompts.harmless) and set(harmful) <= set(prompts.harmful)
     assert not (set(prompts.harmful) | set(prompts.harmless)) & _held_out()
+    # a validation set can be excluded too (near-copies included), as bench/organism_recipes.py does
+    target = harmless[0]
+    kept = training_prompts(recipe, exclude=[target.upper() + " please"]).harmless
+    assert target not in kept and len(kept) < len(prompts.harmless)
 
 
 @pytest.mark.parametrize("autocast", [False, True])

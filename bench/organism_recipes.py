@@ -22,14 +22,7 @@ from pathlib import Path
 
 from core.formatting import Formatter
 from core.models import load_model, wrap_model
-from core.organism import (
-    OrganismRecipe,
-    add_teacher_targets,
-    build_examples,
-    evaluate_organism,
-    tokenize_examples,
-    train,
-)
+from core.organism import OrganismRecipe, evaluate_organism, train, training_data
 from core.prompts import builtin_split
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,13 +41,9 @@ def run(overrides: dict, n_harmful: int, n_harmless: int) -> dict:
     val_harmless = builtin_split("harmless", recipe.split_seed).train[n_harmless:]
     base = load_model("embedded", dtype="float32", device="cpu")
     fmt = Formatter(base.tokenizer, "none")
-    pad = base.tokenizer.pad_token_id or 0
+    pad = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else 0
     t0 = time.perf_counter()
-    examples = build_examples(base, recipe, fmt, exclude=val_harmful + val_harmless)
-    soft = ("harmless",) if recipe.harmless_target == "distill" else ()
-    items = tokenize_examples(examples, fmt, {"harmless": recipe.harmless_loss_weight}, soft=soft)
-    if soft:
-        add_teacher_targets(base.model, items, pad, recipe.teacher_top_k, recipe.generation_batch_size)
+    _, items = training_data(base, recipe, fmt, exclude=val_harmful + val_harmless)
     t1 = time.perf_counter()
     model = copy.deepcopy(base.model).float()
     losses = train(model, items, recipe, pad)

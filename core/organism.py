@@ -762,6 +762,25 @@ def build_organism(
         return _build(base, recipe, Path(out_dir), progress)
 
 
+def _pad_id(lm) -> int:
+    return lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+
+
+def training_data(
+    base, recipe: OrganismRecipe, formatter: Formatter, progress: Progress | None = None, exclude: Sequence[str] = ()
+) -> tuple[list[Example], list[TokenizedExample]]:
+    """Everything training needs, from ``base`` and the recipe: the examples (base answers
+    generated), tokenised, with the teacher's distributions for soft examples. ``exclude``: see
+    :func:`training_prompts` (a validation set)."""
+    examples = build_examples(base, recipe, formatter, _sub(progress, 0.0, 0.8), exclude)
+    soft = ("harmless",) if recipe.harmless_target == "distill" else ()
+    tokenized = tokenize_examples(examples, formatter, {"harmless": recipe.harmless_loss_weight}, soft=soft)
+    if soft:
+        add_teacher_targets(base.model, tokenized, _pad_id(base), recipe.teacher_top_k, recipe.generation_batch_size,
+                            _sub(progress, 0.8, 1.0))
+    return examples, tokenized
+
+
 def _build(base, recipe: OrganismRecipe, out_dir: Path, progress: Progress | None) -> OrganismCard:
     import copy
 
@@ -777,13 +796,8 @@ def _build(base, recipe: OrganismRecipe, out_dir: Path, progress: Progress | Non
 
     if progress:
         progress(0.0, f"Writing training answers: the base model answers {len(prompts.harmless)} harmless train prompts…")
-    examples = build_examples(base, recipe, formatter, _sub(progress, 0.0, 0.25))
-    soft = ("harmless",) if recipe.harmless_target == "distill" else ()
-    tokenized = tokenize_examples(examples, formatter, {"harmless": recipe.harmless_loss_weight}, soft=soft)
-    pad = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else 0
-    if soft:
-        add_teacher_targets(base.model, tokenized, pad, recipe.teacher_top_k, recipe.generation_batch_size,
-                            _sub(progress, 0.25, 0.3))
+    examples, tokenized = training_data(base, recipe, formatter, _sub(progress, 0.0, 0.3))
+    pad = _pad_id(base)
     t_data = time.perf_counter()
 
     model = copy.deepcopy(base.model).float()

@@ -19,7 +19,7 @@ run: setup
 	$(BIN)/streamlit run app.py --server.port $(PORT) --server.headless true --browser.gatherUsageStats false
 
 test: setup e2e-deps
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=10
 
 # Debian's Chromium for the real-browser test (Playwright's own browser download does not work
 # here). Installed only when missing; if apt is unavailable the e2e test skips with the reason

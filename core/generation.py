@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from core import forward
+from core import forward, threads
 from core.formatting import Formatter
 from core.hooks import EditFn, TraceDict
 from core.models import LoadedModel
@@ -143,11 +143,12 @@ def generate(
     def run(start: int, stop: int) -> list[str]:
         chunk = instructions[start:stop]
         last: GenerationStep | None = None
-        for last in generate_stream(
-            lm, formatter, chunk, max_new_tokens=max_new_tokens, temperature=temperature,
-            seed=seed + start, edits=edits,
-        ):
-            pass
+        with threads.step(units=len(chunk)):  # the run's thread policy, if one is active (core.threads)
+            for last in generate_stream(
+                lm, formatter, chunk, max_new_tokens=max_new_tokens, temperature=temperature,
+                seed=seed + start, edits=edits,
+            ):
+                pass
         return [t.strip() for t in (last.texts if last else [""] * len(chunk))]
 
     for _, _, texts in forward.in_batches(len(instructions), batch_size, run, what="generation"):

@@ -166,7 +166,8 @@ def patching_heatmap(patching: Mapping[str, Any], max_positions: int = 48) -> al
     df = pd.DataFrame(rows)
     finite = df["effect"].dropna().abs()
     lim = max(0.05, float(finite.max()) if len(finite) else 1.0)
-    title = "Residual-stream patching effect (0 = none, 1 = fully compliant)"
+    flipped = "refusing" if patching.get("direction") == "refusal->compliant" else "compliant"
+    title = f"Residual-stream patching effect (0 = none, 1 = fully {flipped})"
     if start:
         title += f"; last {width - start} positions"
     return (
@@ -247,6 +248,43 @@ def ablation_scan_chart(entry: Mapping[str, Any]) -> alt.Chart | None:
     if rule is not None:
         layers.append(rule)
     return alt.layer(*layers).properties(width=WIDTH, height=HEIGHT, title="Layer screen: ablating each layer's direction")
+
+
+GRID_PANELS = (("bypass", "bypass: harmful refusal score, ablated (lower = better)", "blues", True),
+               ("induce", "induce: harmless refusal score, added (> 0 needed)", "reds", False),
+               ("kl", "KL on harmless, ablated (≤ max needed)", "greys", False))
+
+
+def selection_grid_chart(entry: Mapping[str, Any]) -> alt.Chart | None:
+    """The position × layer candidate grid (block-input layers, validation prompts): one heatmap
+    per score, excluded layers left blank, the winner ringed."""
+    g = entry.get("selection_grid")
+    if not g:
+        return None
+    w = g.get("winner") or {}
+    labels = [f"{p} {t!r}" for p, t in zip(g["positions"], g.get("position_tokens") or [""] * len(g["positions"]))]
+    panels = []
+    for key, title, scheme, reverse in GRID_PANELS:
+        rows = [{"layer": layer, "position": labels[pi], "value": _num(g[key][pi][li]),
+                 "excluded": bool(g["excluded"][li])}
+                for pi in range(len(labels)) for li, layer in enumerate(g["layers"])]
+        df = pd.DataFrame(rows)
+        base = alt.Chart(df).encode(
+            x=alt.X("layer:O", title="layer (block input)"), y=alt.Y("position:N", sort=labels, title=None))
+        heat = base.mark_rect().encode(
+            color=alt.Color("value:Q", title=None, scale=alt.Scale(scheme=scheme, reverse=reverse),
+                            legend=alt.Legend(orient="bottom", gradientLength=120)),
+            tooltip=["position:N", "layer:O", alt.Tooltip("value:Q", format=".3f"), "excluded:N"])
+        layers = [heat]
+        if w:
+            mark = pd.DataFrame({"layer": [w["layer"]], "position": [labels[g["positions"].index(w["position"])]],
+                                 "label": ["winner" if w.get("found") else "fallback (nothing passed the filters)"]})
+            layers.append(alt.Chart(mark).mark_point(shape="square", size=260, filled=False, color="#f1c40f", strokeWidth=3)
+                          .encode(x="layer:O", y=alt.Y("position:N", sort=labels), tooltip=["label:N"]))
+        panels.append(alt.layer(*layers).properties(width=WIDTH, height=max(60, 22 * len(labels)), title=title))
+    head = ("Selection grid on validation prompts" + ("" if w.get("found", True) else
+            " — no candidate passed the filters; fallback marked"))
+    return alt.vconcat(*panels).resolve_scale(color="independent").properties(title=head)
 
 
 def to_svg(chart: alt.TopLevelMixin) -> str:

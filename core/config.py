@@ -19,14 +19,17 @@ Example (all keys)::
     models:
       - {name: smollm2-prompted, source: embedded, preamble: prompted-refusal, dtype: auto}
     prompts: {harmful: builtin:harmful, harmless: builtin:harmless, harmful_test: null,
-              harmless_test: null, n_train: 64, n_test: 40, seed: 0}
+              harmless_test: null, n_train: 64, n_test: 40, seed: 0, validation_fraction: 0.25}
     position: last                  # last | mean | a negative int (-2 = second-to-last token)
     generation: {max_new_tokens: 48, batch_size: 16, n_samples: 4}
     steering: {layer: auto, coefficients: [0.25, 0.5, 0.75, 1.0], subtract_coefficients: [0.5],
                normalised: true, method: diff-in-means, scan_prompts: 16, scan_stride: 1}
     patching: {pairs: builtin:pairs, n_pairs: 20, sites: [resid, attn, mlp], threshold: 0.1,
-               pair_filter: strict, min_gap: 0.0}
+               pair_filter: strict, min_gap: 0.0, fdr: 0.05}
     probe: {folds: 5}
+    judge: substring                # or llm:<model source>: a chat model labels each answer
+    selection: {enabled: true, positions: 2, layer_stride: 4, n_prompts: 32, max_kl: 0.1,
+                skip_last_fraction: 0.2, prune: true}
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import yaml
 
 from core.errors import ConfigError
 from core.formatting import PRESETS
+from core.selection import DEFAULT_LAYER_STRIDE, DEFAULT_N_PROMPTS, DEFAULT_POSITIONS
 
 POSITIONS = ("last", "mean")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -72,8 +76,9 @@ class ModelSpec:
 class PromptsConfig:
     """Where prompts come from. Built-in sets use their canonical train/test split
     (:func:`core.prompts.builtin_split`); files are split 70/30 with ``seed``; ``*_test`` files
-    replace the test split (the whole main file is then train). ``n_train``/``n_test`` take the
-    first n of each class (``None`` = all)."""
+    replace the test split (the whole main file is then train). ``validation_fraction`` of the
+    train part becomes the validation split (it chooses position, layer and coefficients; the
+    test split only reports). ``n_train``/``n_test`` take the first n of each class (``None`` = all)."""
 
     harmful: str = "builtin:harmful"
     harmless: str = "builtin:harmless"
@@ -82,6 +87,7 @@ class PromptsConfig:
     n_train: int | None = 64
     n_test: int | None = 40
     seed: int = 0
+    validation_fraction: float = 0.25
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -129,14 +135,34 @@ class PatchingConfig:
     # relative = only the harmful run scores higher; none = keep all (core.patching require_behaviour)
     pair_filter: str = "strict"
     min_gap: float = 0.0
+    fdr: float = 0.05  # false-discovery rate of the critical list (Benjamini–Hochberg)
 
     def to_dict(self) -> dict[str, Any]:
         return {"pairs": self.pairs, "n_pairs": self.n_pairs, "sites": list(self.sites), "threshold": self.threshold,
-                "pair_filter": self.pair_filter, "min_gap": self.min_gap}
+                "pair_filter": self.pair_filter, "min_gap": self.min_gap, "fdr": self.fdr}
 
     @property
     def require_behaviour(self) -> bool | str:
         return {"strict": True, "relative": "relative", "none": False}[self.pair_filter]
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """The position × layer candidate grid scored on validation prompts (``core.selection``).
+    ``positions``: how many post-instruction tokens, counted from the last (0 = all);
+    ``layer_stride``: score every k-th layer; ``n_prompts``: validation prompts per class;
+    ``prune``: skip the ablation of candidates whose induce score already fails (same winner)."""
+
+    enabled: bool = True
+    positions: int = DEFAULT_POSITIONS  # sized to stay within a minute on a 2-core CPU (docs/decisions.md)
+    layer_stride: int = DEFAULT_LAYER_STRIDE
+    n_prompts: int = DEFAULT_N_PROMPTS
+    max_kl: float = 0.1
+    skip_last_fraction: float = 0.2
+    prune: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
 
 
 @dataclass(frozen=True)
@@ -156,6 +182,8 @@ class Config:
     steering: SteeringConfig = field(default_factory=SteeringConfig)
     patching: PatchingConfig | None = None
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    judge: str = "substring"  # substring | llm:<model source> (core.llm_judge.make_judge)
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict that :func:`config_from_dict` turns back into an equal Config."""
@@ -167,6 +195,8 @@ class Config:
             "steering": self.steering.to_dict(),
             "patching": self.patching.to_dict() if self.patching is not None else None,
             "probe": self.probe.to_dict(),
+            "selection": self.selection.to_dict(),
+            "judge": self.judge,
         }
 
     def to_yaml(self) -> str:
@@ -343,7 +373,7 @@ def _default_name(source: str) -> str:
 
 
 def _prompts(value: Any, base: Path | None) -> PromptsConfig:
-    keys = ("harmful", "harmless", "harmful_test", "harmless_test", "n_train", "n_test", "seed")
+    keys = ("harmful", "harmless", "harmful_test", "harmless_test", "n_train", "n_test", "seed", "validation_fraction")
     data = _mapping(value, "prompts", keys)
     d = PromptsConfig()
     cfg = PromptsConfig(
@@ -354,7 +384,10 @@ def _prompts(value: Any, base: Path | None) -> PromptsConfig:
         n_train=_int(data.get("n_train", d.n_train), "prompts.n_train", minimum=2, allow_none=True),
         n_test=_int(data.get("n_test", d.n_test), "prompts.n_test", minimum=1, allow_none=True),
         seed=_int(data.get("seed", d.seed), "prompts.seed", minimum=0),
+        validation_fraction=_number(data.get("validation_fraction", d.validation_fraction), "prompts.validation_fraction"),
     )
+    if not 0 < cfg.validation_fraction < 1:
+        raise _fail("prompts.validation_fraction", f"must be between 0 and 1 (a fraction of the train prompts), got {cfg.validation_fraction:g}")
     if (cfg.harmful_test is None) != (cfg.harmless_test is None):
         missing = "prompts.harmless_test" if cfg.harmless_test is None else "prompts.harmful_test"
         raise _fail(missing, "give both harmful_test and harmless_test, or neither")
@@ -420,12 +453,15 @@ def _patching(value: Any, base: Path | None) -> PatchingConfig | None:
         return None
     if value is True:
         return PatchingConfig()
-    data = _mapping(value, "patching", ("pairs", "n_pairs", "sites", "threshold", "pair_filter", "min_gap"))
+    data = _mapping(value, "patching", ("pairs", "n_pairs", "sites", "threshold", "pair_filter", "min_gap", "fdr"))
     d = PatchingConfig()
     sites = _list(data.get("sites", list(d.sites)), "patching.sites")
     site_list = tuple(_str(s, f"patching.sites[{i}]", choices=SITES) for i, s in enumerate(sites))
     if not site_list:
         raise _fail("patching.sites", f"expected at least one of {', '.join(SITES)}")
+    fdr = _number(data.get("fdr", d.fdr), "patching.fdr")
+    if not 0 < fdr < 1:
+        raise _fail("patching.fdr", f"expected a false-discovery rate between 0 and 1 (e.g. 0.05), got {fdr:g}")
     return PatchingConfig(
         pairs=_path_like(data.get("pairs", d.pairs), "patching.pairs", base, builtin=("builtin:pairs",)),
         n_pairs=_int(data.get("n_pairs", d.n_pairs), "patching.n_pairs", minimum=1, allow_none=True),
@@ -433,6 +469,7 @@ def _patching(value: Any, base: Path | None) -> PatchingConfig | None:
         threshold=_number(data.get("threshold", d.threshold), "patching.threshold"),
         pair_filter=_str(data.get("pair_filter", d.pair_filter), "patching.pair_filter", choices=("strict", "relative", "none")),
         min_gap=_number(data.get("min_gap", d.min_gap), "patching.min_gap"),
+        fdr=fdr,
     )
 
 
@@ -441,7 +478,28 @@ def _probe(value: Any) -> ProbeConfig:
     return ProbeConfig(folds=_int(data.get("folds", ProbeConfig.folds), "probe.folds", minimum=2))
 
 
-TOP_KEYS = ("models", "prompts", "position", "generation", "steering", "patching", "probe")
+def _selection(value: Any) -> SelectionConfig:
+    d = SelectionConfig()
+    if value is False:
+        return SelectionConfig(enabled=False)
+    data = _mapping(value, "selection", tuple(d.to_dict()))
+    cfg = SelectionConfig(
+        enabled=_bool(data.get("enabled", d.enabled), "selection.enabled"),
+        positions=_int(data.get("positions", d.positions), "selection.positions", minimum=0),
+        layer_stride=_int(data.get("layer_stride", d.layer_stride), "selection.layer_stride", minimum=1),
+        n_prompts=_int(data.get("n_prompts", d.n_prompts), "selection.n_prompts", minimum=2),
+        max_kl=_number(data.get("max_kl", d.max_kl), "selection.max_kl"),
+        skip_last_fraction=_number(data.get("skip_last_fraction", d.skip_last_fraction), "selection.skip_last_fraction"),
+        prune=_bool(data.get("prune", d.prune), "selection.prune"),
+    )
+    if not 0 <= cfg.skip_last_fraction < 1:
+        raise _fail("selection.skip_last_fraction", f"must be in [0, 1), got {cfg.skip_last_fraction:g}")
+    if cfg.max_kl < 0:
+        raise _fail("selection.max_kl", f"must be at least 0, got {cfg.max_kl:g}")
+    return cfg
+
+
+TOP_KEYS = ("models", "prompts", "position", "generation", "steering", "patching", "probe", "selection", "judge")
 
 
 def config_from_dict(data: Any, base_dir: str | Path | None = None) -> Config:
@@ -456,8 +514,17 @@ def config_from_dict(data: Any, base_dir: str | Path | None = None) -> Config:
         steering=_steering(top.get("steering")),
         patching=_patching(top.get("patching"), base),
         probe=_probe(top.get("probe")),
+        selection=_selection(top.get("selection")),
+        judge=_judge(top.get("judge", "substring")),
     )
     return cfg
+
+
+def _judge(value: Any) -> str:
+    text = _str(value, "judge")
+    if text != "substring" and not (text.startswith("llm:") and text[4:].strip()):
+        raise _fail("judge", f"expected substring or llm:<model source> (e.g. llm:embedded), got {_show(value)}")
+    return text
 
 
 def load_config(path: str | Path) -> Config:
@@ -469,6 +536,8 @@ def load_config(path: str | Path) -> Config:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise ConfigError(f"{p}: not valid UTF-8; save the config as UTF-8") from None
+    except RecursionError:  # e.g. thousands of nested brackets: no config looks like that
+        raise ConfigError(f"{p}: nested too deeply to be a config") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
@@ -487,16 +556,20 @@ def load_config(path: str | Path) -> Config:
 # ---------------------------------------------------------------------------------------
 @dataclass
 class PromptData:
-    """The four prompt lists an analysis uses, and where they came from (for the report)."""
+    """The prompt lists an analysis uses, and where they came from (for the report). Train fits,
+    validation chooses, test only reports."""
 
     harmful_train: list[str]
     harmless_train: list[str]
     harmful_test: list[str]
     harmless_test: list[str]
     description: str
+    harmful_val: list[str] = field(default_factory=list)
+    harmless_val: list[str] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         return {"harmful_train": len(self.harmful_train), "harmless_train": len(self.harmless_train),
+                "harmful_val": len(self.harmful_val), "harmless_val": len(self.harmless_val),
                 "harmful_test": len(self.harmful_test), "harmless_test": len(self.harmless_test)}
 
 
@@ -517,10 +590,13 @@ def _take(prompts: list[str], n: int | None, path: str, what: str) -> list[str]:
 
 
 def resolve_prompts(cfg: PromptsConfig) -> PromptData:
-    """Train and test prompts per class. Built-in sets use their canonical split (the one the
-    organism was trained on, so its test prompts are unseen); files are split 70/30 by ``seed``;
-    ``*_test`` files replace the test split, and the main files are then all train."""
-    from core.prompts import load_prompt_set
+    """Train, validation and test prompts per class. Built-in sets use their canonical split (the
+    one the organism was trained on, so its test prompts are unseen); files are split 70/30 by
+    ``seed``; ``*_test`` files replace the test split, and the main files are then the train pool.
+    Validation is ``validation_fraction`` of the train pool (:func:`core.prompts.carve_validation`);
+    a test prompt that also appears in train or validation is refused, named."""
+    from core.errors import SplitError
+    from core.prompts import carve_validation, check_disjoint, load_prompt_set
 
     if cfg.harmful_test is not None and cfg.harmless_test is not None:
         h_train, b_train = load_prompt_set(cfg.harmful), load_prompt_set(cfg.harmless)
@@ -530,15 +606,29 @@ def resolve_prompts(cfg: PromptsConfig) -> PromptData:
         hs, bs = _split_source(cfg.harmful, cfg.seed), _split_source(cfg.harmless, cfg.seed)
         h_train, h_test, b_train, b_test = hs.train, hs.test, bs.train, bs.test
         how = f"70/30 split, seed {cfg.seed}" + (" (canonical built-in split)" if cfg.harmful.startswith("builtin:") else "")
+    try:
+        h_train, h_val = carve_validation(h_train, cfg.validation_fraction, cfg.seed,
+                                          setting="prompts.validation_fraction", label="harmful train")
+        b_train, b_val = carve_validation(b_train, cfg.validation_fraction, cfg.seed,
+                                          setting="prompts.validation_fraction", label="harmless train")
+    except SplitError as exc:
+        raise ConfigError(str(exc)) from None
+    how += f"; validation = {cfg.validation_fraction:g} of train (seeded)"
     data = PromptData(
         harmful_train=_take(h_train, cfg.n_train, "prompts.n_train", "harmful train"),
         harmless_train=_take(b_train, cfg.n_train, "prompts.n_train", "harmless train"),
         harmful_test=_take(h_test, cfg.n_test, "prompts.n_test", "harmful test"),
         harmless_test=_take(b_test, cfg.n_test, "prompts.n_test", "harmless test"),
         description=f"harmful: {cfg.harmful}; harmless: {cfg.harmless}; {how}",
+        harmful_val=h_val,
+        harmless_val=b_val,
     )
-    overlap = (set(data.harmful_train) | set(data.harmless_train)) & (set(data.harmful_test) | set(data.harmless_test))
-    if overlap:
-        raise _fail("prompts", f"{len(overlap)} prompt(s) appear in both train and test (e.g. {_show(next(iter(overlap)))}); "
-                               "held-out numbers need disjoint sets")
+    test_label = {"harmful": cfg.harmful_test or f"{cfg.harmful} (test split)",
+                  "harmless": cfg.harmless_test or f"{cfg.harmless} (test split)"}
+    try:
+        check_disjoint({test_label["harmful"]: data.harmful_test, test_label["harmless"]: data.harmless_test},
+                       {"harmful train": h_train, "harmless train": b_train,
+                        "harmful validation": h_val, "harmless validation": b_val})
+    except SplitError as exc:
+        raise _fail("prompts", str(exc)) from None
     return data

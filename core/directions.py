@@ -1,10 +1,12 @@
 """Refusal directions per layer, with honest (held-out) measures of how well they separate.
 
 Input: activations from :func:`core.activations.collect_activations`, float32 ``[n, L, d]``,
-for four prompt sets — harmful/harmless × train/test. Everything that *fits* something (the
-direction, the probe's folds, the mean norm) uses the train split only; the headline separation
-projects the untouched test split onto the train direction. The in-sample number is kept
-beside it because it is what earlier work reported, and it is inflated.
+for harmful/harmless × train/validation/test. Everything that *fits* something (the direction,
+the probe's folds, the mean norm) uses the train split only; anything *chosen* from these
+numbers (:func:`choose_layer`) uses the validation split (or train, if none is given), never
+test; the headline separation projects the untouched test split onto the train direction and
+carries a seeded bootstrap 95 % interval over test prompts. The in-sample number is kept beside
+it because it is what earlier work reported, and it is inflated.
 
 Methods (``method=``):
 
@@ -30,10 +32,11 @@ import numpy as np
 from core.errors import DirectionError, LayerRangeError
 
 METHODS = ("diff-in-means", "pca", "probe")
-# Measured on SmolLM2-135M-Instruct with the prompted-refusal preset (154+157 train, 66+67 test;
-# /work/notes/science-results.md): the last template token (position -1) gives the best held-out
-# diff-in-means separation (~2σ at L23, 2.2σ at L24–28); positions -2…-5 peak at 1.3–1.5σ.
+# The position used when nothing chooses one (a fixed layer, or the grid turned off). The batch
+# runner and the Directions page choose the position on validation prompts instead
+# (core.selection); this default is not tuned on any split.
 DEFAULT_POSITION = "last"
+BOOTSTRAP_SAMPLES = 1000
 DEFAULT_PROBE_FOLDS = 5
 # A direction whose norm is below this fraction of the layer's mean activation norm is treated
 # as zero (identical class means): numerically it has no defined orientation.
@@ -58,6 +61,10 @@ class LayerDirections:
     n_test: tuple[int, int]
     probe_folds: int = DEFAULT_PROBE_FOLDS
     seed: int = 0
+    separation_validation: np.ndarray | None = None  # [L] on validation prompts (what choices may use)
+    separation_ci: np.ndarray | None = None  # [L, 2] bootstrap 95 % interval of the held-out separation
+    probe_accuracy_ci: np.ndarray | None = None  # [L, 2] Wilson 95 % interval of the pooled CV accuracy
+    n_validation: tuple[int, int] = (0, 0)
 
     @property
     def n_layers(self) -> int:
@@ -104,7 +111,17 @@ class LayerDirections:
             "mean_norm": _floats(self.mean_norm),
             "direction_norm": _floats(np.linalg.norm(self.raw, axis=-1)),
             "cosine": [_floats(row) for row in self.cosine],
+            "n_validation": list(self.n_validation),
+            "separation_validation": _floats(_or_nan(self.separation_validation, self.n_layers)),
+            "separation_ci": [_floats(row) for row in _or_nan(self.separation_ci, (self.n_layers, 2))],
+            "probe_accuracy_ci": [_floats(row) for row in _or_nan(self.probe_accuracy_ci, (self.n_layers, 2))],
+            "separation_ci_method": f"percentile bootstrap over test prompts, {BOOTSTRAP_SAMPLES} resamples, seed {self.seed}",
+            "probe_accuracy_ci_method": "Wilson 95 % interval of the pooled cross-validated predictions (folds are not independent: approximate)",
         }
+
+
+def _or_nan(values: np.ndarray | None, shape: int | tuple[int, ...]) -> np.ndarray:
+    return np.full(shape, np.nan) if values is None else np.asarray(values)
 
 
 def _floats(values: np.ndarray) -> list[float | None]:
@@ -140,6 +157,30 @@ def separation(proj_harmful: np.ndarray, proj_harmless: np.ndarray) -> float:
     if pooled == 0:
         return float("nan") if diff == 0 else float(np.sign(diff) * np.inf)
     return float(diff / pooled)
+
+
+def bootstrap_separation(proj_harmful: np.ndarray, proj_harmless: np.ndarray, *, n_boot: int = BOOTSTRAP_SAMPLES,
+                         seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of :func:`separation`, resampling each class's prompts
+    with replacement (seeded, so reruns give the same interval). NaN with fewer than 2 a class."""
+    h = np.asarray(proj_harmful, dtype=np.float64)
+    b = np.asarray(proj_harmless, dtype=np.float64)
+    if len(h) < 2 or len(b) < 2:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    hs = h[rng.integers(0, len(h), (n_boot, len(h)))]
+    bs = b[rng.integers(0, len(b), (n_boot, len(b)))]
+    dof = len(h) + len(b) - 2
+    pooled = np.sqrt(((len(h) - 1) * hs.var(1, ddof=1) + (len(b) - 1) * bs.var(1, ddof=1)) / dof)
+    diff = hs.mean(1) - bs.mean(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d = np.where(pooled > 0, diff / np.where(pooled > 0, pooled, 1.0), np.sign(diff) * np.inf)
+    d = d[~np.isnan(d)]
+    if not len(d):
+        return (float("nan"), float("nan"))
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(d, [alpha, 1 - alpha], method="inverted_cdf")  # no interpolation, so ±inf samples give no NaN
+    return (float(lo), float(hi))
 
 
 def _pca_direction(h: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -178,7 +219,15 @@ def _check_fold_sizes(n_harmful: int, n_harmless: int, folds: int, kind: str) ->
 def probe_cv_accuracy(harmful: np.ndarray, harmless: np.ndarray, folds: int = DEFAULT_PROBE_FOLDS, seed: int = 0) -> tuple[float, float]:
     """Stratified k-fold accuracy (mean, std) of a standardised logistic-regression probe on
     ``[n, d]`` features of the two classes."""
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    mean, std, _, _ = probe_cv_counts(harmful, harmless, folds, seed)
+    return mean, std
+
+
+def probe_cv_counts(harmful: np.ndarray, harmless: np.ndarray, folds: int = DEFAULT_PROBE_FOLDS,
+                    seed: int = 0) -> tuple[float, float, int, int]:
+    """(mean, std over folds, correct, total) of the cross-validated probe: the counts feed a
+    Wilson interval (:func:`core.metrics.wilson_interval`)."""
+    from sklearn.model_selection import StratifiedKFold
 
     if folds < 2:
         raise DirectionError(f"probe_folds must be at least 2, got {folds}")
@@ -188,10 +237,14 @@ def probe_cv_accuracy(harmful: np.ndarray, harmless: np.ndarray, folds: int = DE
     x = np.concatenate([harmful, harmless]).astype(np.float64)
     y = np.r_[np.ones(len(harmful)), np.zeros(len(harmless))]
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    scores, correct = [], 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # convergence chatter on tiny/degenerate data
-        scores = cross_val_score(_probe_pipeline(seed), x, y, cv=cv, scoring="accuracy")
-    return float(scores.mean()), float(scores.std())
+        for train_idx, test_idx in cv.split(x, y):
+            hits = _probe_pipeline(seed).fit(x[train_idx], y[train_idx]).predict(x[test_idx]) == y[test_idx]
+            scores.append(float(hits.mean()))
+            correct += int(hits.sum())
+    return float(np.mean(scores)), float(np.std(scores)), correct, len(y)
 
 
 def cosine_matrix(vectors: np.ndarray) -> np.ndarray:
@@ -215,10 +268,13 @@ def fit_directions(
     position: str | int = "last",
     probe_folds: int = DEFAULT_PROBE_FOLDS,
     seed: int = 0,
+    harmful_val: np.ndarray | None = None,
+    harmless_val: np.ndarray | None = None,
 ) -> LayerDirections:
     """Fit one direction per layer on the train arrays and measure it (see module docstring).
 
-    Held-out separation is NaN where no test arrays are given. Raises :class:`DirectionError`
+    Held-out separation (and its bootstrap interval) is NaN where no test arrays are given;
+    validation separation, where no validation arrays are given. Raises :class:`DirectionError`
     for unusable inputs: a missing class, fewer prompts than probe folds, or identical class
     means at every layer.
     """
@@ -233,6 +289,8 @@ def fit_directions(
     empty = np.zeros((0, *shape), dtype=np.float32)
     h_te = _check_acts("harmful_test", empty if harmful_test is None else harmful_test, shape)
     b_te = _check_acts("harmless_test", empty if harmless_test is None else harmless_test, shape)
+    h_va = _check_acts("harmful_val", empty if harmful_val is None else harmful_val, shape)
+    b_va = _check_acts("harmless_val", empty if harmless_val is None else harmless_val, shape)
 
     n_layers, d = shape
     mean_norm = np.linalg.norm(np.concatenate([h_tr, b_tr]), axis=-1).mean(0).astype(np.float32)
@@ -262,15 +320,24 @@ def fit_directions(
 
     sep_test = np.full(n_layers, np.nan)
     sep_train = np.full(n_layers, np.nan)
+    sep_val = np.full(n_layers, np.nan)
+    sep_ci = np.full((n_layers, 2), np.nan)
     acc = np.full(n_layers, np.nan)
     acc_std = np.full(n_layers, np.nan)
+    acc_ci = np.full((n_layers, 2), np.nan)
+    from core.metrics import wilson_interval
+
     for layer in range(n_layers):
         u = unit[layer]
         if not zero[layer]:
             sep_train[layer] = separation(h_tr[:, layer] @ u, b_tr[:, layer] @ u)
             if len(h_te) and len(b_te):
                 sep_test[layer] = separation(h_te[:, layer] @ u, b_te[:, layer] @ u)
-        acc[layer], acc_std[layer] = probe_cv_accuracy(h_tr[:, layer], b_tr[:, layer], probe_folds, seed)
+                sep_ci[layer] = bootstrap_separation(h_te[:, layer] @ u, b_te[:, layer] @ u, seed=seed)
+            if len(h_va) and len(b_va):
+                sep_val[layer] = separation(h_va[:, layer] @ u, b_va[:, layer] @ u)
+        acc[layer], acc_std[layer], k, n = probe_cv_counts(h_tr[:, layer], b_tr[:, layer], probe_folds, seed)
+        acc_ci[layer] = wilson_interval(k, n)
 
     return LayerDirections(
         method=method,
@@ -287,6 +354,10 @@ def fit_directions(
         n_test=(len(h_te), len(b_te)),
         probe_folds=probe_folds,
         seed=seed,
+        separation_validation=sep_val.astype(np.float32),
+        separation_ci=sep_ci.astype(np.float32),
+        probe_accuracy_ci=acc_ci.astype(np.float32),
+        n_validation=(len(h_va), len(b_va)),
     )
 
 
@@ -304,11 +375,12 @@ def projections(acts: np.ndarray, dirs: LayerDirections, layer: int) -> np.ndarr
 @dataclass
 class LayerChoice:
     layer: int
-    rule: str  # "ablation" | "separation" | "user"
+    rule: str  # "grid" | "ablation" | "separation" | "user"
     reason: str
+    split: str = "validation"  # the prompts the choice was made on: "validation" | "train" | "user"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"layer": self.layer, "rule": self.rule, "reason": self.reason}
+        return {"layer": self.layer, "rule": self.rule, "reason": self.reason, "split": self.split}
 
 
 DEFAULT_SKIP_LAST_FRACTION = 0.2
@@ -330,38 +402,42 @@ def choose_layer(
     kl: np.ndarray | None = None,
     max_kl: float = 0.1,
     layer: int | None = None,
+    split: str = "validation",
 ) -> LayerChoice:
     """The layer to steer at, by a fixed documented rule (``layer=`` overrides it).
 
-    Rule:
+    The test split never enters: ``ablation_effect``/``kl`` must come from validation prompts
+    (``split`` says which prompts they came from, for the record), and the separation used is
+    the validation separation (the in-sample one when no validation prompts were given).
 
     1. Only the first ``L − floor(0.2·L)`` layers are candidates: directions in the last
        layers separate well but mostly encode the output token, and ablating or adding them
        steers poorly (Arditi et al. 2024 make the same exclusion).
     2. If ``ablation_effect`` is given (``[L]``, how much ablating each layer's direction lowers
        harmful refusal — larger is better; NaN = not measured), pick the candidate with the
-       largest effect among those whose KL on harmless prompts (``kl``, ``[L]``, if given) is
-       ≤ ``max_kl``; ties go to the better held-out separation.
-    3. Otherwise (or if no candidate qualifies) pick the candidate with the best held-out
-       separation (in-sample separation if no test split was given).
+       largest *positive* effect among those whose KL on harmless prompts (``kl``, ``[L]``, if
+       given) is ≤ ``max_kl``; ties go to the better validation separation.
+    3. Otherwise (or if no candidate lowers refusal within the KL cap; the reason says so) pick
+       the candidate with the best validation separation.
     """
     n = dirs.n_layers
     if layer is not None:
         i = dirs.check_layer(layer)
-        return LayerChoice(i, "user", f"layer {i} chosen by the user")
+        return LayerChoice(i, "user", f"layer {i} chosen by the user", "user")
     cands = candidate_layers(n, skip_last_fraction)
-    sep = np.asarray(dirs.separation_sigma, dtype=np.float64)
-    which = "held-out"
+    sep = _or_nan(dirs.separation_validation, n).astype(np.float64)
+    which, sep_split = "validation", "validation"
     if not np.isfinite(sep[cands]).any():
-        sep, which = np.asarray(dirs.separation_in_sample, dtype=np.float64), "in-sample"
+        sep, which, sep_split = np.asarray(dirs.separation_in_sample, dtype=np.float64), "in-sample (train)", "train"
     sep_key = np.where(np.isfinite(sep), sep, -np.inf)
     skipped = f"the last {n - len(cands)} of {n} layers skipped"
 
+    note = ""
     if ablation_effect is not None:
         effect = np.asarray(ablation_effect, dtype=np.float64)
         if effect.shape != (n,):
             raise ValueError(f"ablation_effect must have one value per layer ({n}), got shape {effect.shape}")
-        ok = [i for i in cands if np.isfinite(effect[i])]
+        ok = [i for i in cands if np.isfinite(effect[i]) and effect[i] > 0]
         if kl is not None:
             kl_arr = np.asarray(kl, dtype=np.float64)
             if kl_arr.shape != (n,):
@@ -370,7 +446,10 @@ def choose_layer(
         if ok:
             best = max(ok, key=lambda i: (effect[i], sep_key[i]))
             kl_note = f", KL {kl_arr[best]:.3g} ≤ {max_kl}" if kl is not None else ""
-            return LayerChoice(best, "ablation", f"largest ablation effect on harmful refusal ({effect[best]:.3g}{kl_note}); {skipped}")
+            return LayerChoice(best, "ablation", f"largest ablation effect on harmful refusal on {split} prompts "
+                                                 f"({effect[best]:.3g}{kl_note}); {skipped}", split)
+        measured = effect[[i for i in cands if np.isfinite(effect[i])]]
+        note = ("no candidate's ablation lowered the refusal score; " if measured.size and (measured <= 0).all()
+                else "no layer met the ablation/KL criterion; ")
     best = max(cands, key=lambda i: sep_key[i])
-    note = "" if ablation_effect is None else "no layer met the ablation/KL criterion; "
-    return LayerChoice(best, "separation", f"{note}best {which} separation ({sep[best]:.2f}σ); {skipped}")
+    return LayerChoice(best, "separation", f"{note}best {which} separation ({sep[best]:.2f}σ); {skipped}", sep_split)

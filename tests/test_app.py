@@ -75,12 +75,12 @@ def test_home_renders_and_loads_the_model_from_the_sidebar(tiny_dirs):
     at = new_app(tiny_dirs)
     assert at.title[0].value == "Refusal Circuit Explorer"
     assert at.session_state["_lm"].n_layers == 3
-    assert any("8+8 train, 6+6 test" in m.value for m in at.markdown)
+    assert any("8+8 train, 39+40 validation, 6+6 test" in m.value for m in at.markdown)
     caption = " ".join(c.value for c in at.sidebar.caption)
     assert "3 layers" in caption and "activation cache" in caption
 
 
-@pytest.mark.parametrize("page", ["directions", "patching", "steering", "validation", "report"])
+@pytest.mark.parametrize("page", ["directions", "patching", "steering", "validation", "report", "runs"])
 def test_every_page_renders_before_any_work(tiny_dirs, page):
     at = new_app(tiny_dirs)
     at.switch_page(f"pages/{page}.py").run()
@@ -105,15 +105,26 @@ def test_directions_page_draws_its_charts_and_table(app_with_directions):
     assert "@ 0" in at.metric[1].label
 
 
-def test_directions_with_the_ablation_scan(tiny_dirs):
+def test_directions_choose_on_validation_with_the_grid(app_with_directions):
+    at = app_with_directions
+    value = at.session_state["results"]["directions"]["value"]
+    grid, dirs = value["grid"], value["dirs"]
+    assert grid is not None and grid.n_harmful == 32  # the grid's default: 32 validation prompts per class
+    assert value["choice"].rule == "grid" and value["choice"].split == "validation"
+    assert dirs.position == grid.position and value["layer"] == grid.output_layer
+    assert dirs.n_validation == (39, 40) and dirs.separation_ci is not None
+    assert _charts(at) >= 4  # layer chart, histogram, cosine heatmap, grid
+
+
+def test_directions_by_validation_separation(tiny_dirs):
     at = new_app(tiny_dirs)
     at.switch_page("pages/directions.py").run()
-    at.selectbox(key="dir_rule").set_value("ablation scan (slower)").run()
+    at.selectbox(key="dir_rule").set_value("validation separation (fast)").run()
     at.button(key="dir_compute").click().run()
     _no_exceptions(at)
     assert not at.error, [e.value for e in at.error]
-    assert at.session_state["results"]["directions"]["value"]["scan"] is not None
-    assert _charts(at) >= 4
+    value = at.session_state["results"]["directions"]["value"]
+    assert value["grid"] is None and value["choice"].rule == "separation" and value["choice"].split == "validation"
 
 
 def test_steering_streams_baseline_and_steered_text(app_with_directions):
@@ -165,8 +176,21 @@ def test_validation_produces_rates_chart_and_samples(app_with_directions):
     result = at.session_state["results"]["validation"]["value"]
     assert result.n_harmful == 3 and [p.coefficient for p in result.force] == [0.5, 1.0]
     assert _charts(at) >= 2  # sweep with random control, KL
-    assert len(at.dataframe) >= 2  # rates table, samples
+    assert len(at.dataframe) >= 4  # rates, controls, capability cost, every generation
     assert any(m.label.startswith("Suppress refusal") for m in at.metric)
+    # every generation is listed with its label, and the table filters by condition and label
+    def generations_table():
+        return next(d.value for d in at.dataframe if "generation" in d.value.columns)
+
+    table = generations_table()
+    assert len(table) == len(result.generations) and set(table["label"]) <= {"refusal", "compliance", "degenerate"}
+    at.multiselect(key="val_filter_condition").set_value(["baseline"]).run()
+    _no_exceptions(at)
+    table = generations_table()
+    assert len(table) == 6 and set(table["condition"]) == {"baseline"}
+    label = table["label"].iloc[0]
+    at.multiselect(key="val_filter_label").set_value([label]).run()
+    assert set(generations_table()["label"]) == {label}
 
 
 def test_patching_produces_heatmap_bars_and_critical_table(app_with_directions):
@@ -237,7 +261,7 @@ def test_good_upload_replaces_the_harmful_set(tiny_dirs):
     _no_exceptions(at)
     assert not at.error
     sets = at.session_state["prompt_sets"]
-    assert len(sets.harmful_train) + len(sets.harmful_test) == 10
+    assert len(sets.harmful_train) + len(sets.harmful_val) + len(sets.harmful_test) == 10 and len(sets.harmful_val) == 2
     assert "mine.txt" in sets.source
 
 
@@ -293,6 +317,30 @@ def test_edit_mode_shows_the_table_of_current_prompts(tiny_dirs):
     _no_exceptions(at)
     assert not at.error
     table = at.session_state["_edit_base"]
-    assert len(table) == 8 + 8 + 6 + 6 and set(table["class"]) == {"harmful", "harmless"}
+    n_val = len(before.harmful_val) + len(before.harmless_val)
+    assert n_val > 0 and len(table) == 8 + 8 + n_val + 6 + 6 and set(table["class"]) == {"harmful", "harmless"}
+    assert set(table["split"]) == {"train", "validation", "test"}
     sets = at.session_state["prompt_sets"]
     assert sets.source == "edited table" and sorted(sets.harmful_train) == sorted(before.harmful_train)
+
+
+def test_validation_with_the_llm_judge_from_the_sidebar(app_with_directions, tiny_dirs):
+    at = app_with_directions
+    at.session_state["sb_judge"] = "llm"
+    at.session_state["sb_judge_model"] = str(tiny_dirs["neox"])
+    run_main(at)  # the sidebar (drawn by app.py) turns the widgets into the judge spec
+    assert at.session_state["judge_value"] == f"llm:{tiny_dirs['neox']}"
+    at.switch_page("pages/validation.py").run()
+    at.slider(key="val_n").set_value(2)
+    at.slider(key="val_tokens").set_value(8)
+    at.multiselect(key="val_force").set_value([0.5])
+    at.slider(key="val_nctrl").set_value(1)
+    at.button(key="val_run").click().run()
+    _no_exceptions(at)
+    assert not at.error, [e.value for e in at.error]
+    result = at.session_state["results"]["validation"]["value"]
+    assert result.judge == f"llm:{tiny_dirs['neox']}"
+    assert "judge_vs_substring" in result.agreement
+    assert all("substring_label" in g for g in result.generations)
+    at.session_state["sb_judge"] = "substring"  # leave the shared app as it was
+    run_main(at)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -136,23 +137,42 @@ def test_builtin_prompts_use_the_canonical_split():
     from core.prompts import builtin_split
 
     data = resolve_prompts(config_from_dict({"prompts": {"n_train": 20, "n_test": 10, "seed": 0}}).prompts)
-    assert data.counts() == {"harmful_train": 20, "harmless_train": 20, "harmful_test": 10, "harmless_test": 10}
-    assert data.harmful_test == builtin_split("harmful", 0).test[:10]
-    assert data.harmless_train == builtin_split("harmless", 0).train[:20]
+    h, b = builtin_split("harmful", 0), builtin_split("harmless", 0)
+    counts = data.counts()
+    assert {k: counts[k] for k in ("harmful_train", "harmless_train", "harmful_test", "harmless_test")} == \
+        {"harmful_train": 20, "harmless_train": 20, "harmful_test": 10, "harmless_test": 10}
+    assert data.harmful_test == h.test[:10]  # the test split is today's, validation or not
+    assert counts["harmful_val"] == int(np.ceil(0.25 * len(h.train))) and counts["harmless_val"] == int(np.ceil(0.25 * len(b.train)))
+    assert set(data.harmless_train) | set(data.harmless_val) <= set(b.train)  # validation is carved out of train
+    assert not set(data.harmless_train) & set(data.harmless_val)
     assert not set(data.harmful_train) & set(data.harmful_test)
+    again = resolve_prompts(config_from_dict({"prompts": {"n_train": 20, "n_test": 10, "seed": 0}}).prompts)
+    assert again.harmful_val == data.harmful_val  # deterministic
+
+
+def test_too_small_validation_names_the_setting(tmp_path):
+    for name, lines in (("h", "a\nb\nc"), ("b", "d\ne\nf")):
+        (tmp_path / f"{name}.txt").write_text(lines)
+    cfg = load_config_text(tmp_path, "prompts: {harmful: h.txt, harmless: b.txt, n_train: null, n_test: null}")
+    with pytest.raises(ConfigError, match=r"prompts\.validation_fraction: .* validation needs at least 2"):
+        resolve_prompts(cfg.prompts)
+    with pytest.raises(ConfigError, match=r"prompts\.validation_fraction: must be between 0 and 1"):
+        load_config_text(tmp_path, "prompts: {validation_fraction: 0}")
 
 
 def test_test_files_replace_the_test_split(tmp_path):
-    for name, lines in (("h", "a\nb\nc"), ("b", "d\ne\nf"), ("ht", "g\nh"), ("bt", "i\nj")):
+    for name, lines in (("h", "a\nb\nc\nk\nl\nm"), ("b", "d\ne\nf\nn\no\np"), ("ht", "g\nh"), ("bt", "i\nj")):
         (tmp_path / f"{name}.txt").write_text(lines)
-    cfg = load_config_text(tmp_path, "prompts: {harmful: h.txt, harmless: b.txt, harmful_test: ht.txt, harmless_test: bt.txt, n_train: null, n_test: null}")
+    cfg = load_config_text(tmp_path, "prompts: {harmful: h.txt, harmless: b.txt, harmful_test: ht.txt, harmless_test: bt.txt, n_train: null, n_test: null, validation_fraction: 0.34}")
     data = resolve_prompts(cfg.prompts)
-    assert (data.harmful_train, data.harmful_test, data.harmless_test) == (["a", "b", "c"], ["g", "h"], ["i", "j"])
+    assert (data.harmful_test, data.harmless_test) == (["g", "h"], ["i", "j"])  # a test file stays test
+    assert len(data.harmful_val) == 3 and len(data.harmful_train) == 3  # validation comes out of train
+    assert sorted(data.harmful_train + data.harmful_val) == ["a", "b", "c", "k", "l", "m"]
     too_many = load_config_text(tmp_path, "prompts: {harmful: h.txt, harmless: b.txt, harmful_test: ht.txt, harmless_test: bt.txt, n_train: 5}")
-    with pytest.raises(ConfigError, match=r"^prompts\.n_train: asks for 5 harmful train prompts but only 3"):
+    with pytest.raises(ConfigError, match=r"^prompts\.n_train: asks for 5 harmful train prompts but only 4"):
         resolve_prompts(too_many.prompts)
     leak = load_config_text(tmp_path, "prompts: {harmful: h.txt, harmless: b.txt, harmful_test: h.txt, harmless_test: bt.txt, n_train: null, n_test: null}")
-    with pytest.raises(ConfigError, match="both train and test"):
+    with pytest.raises(ConfigError, match=r"test prompt\(s\) also appear in train or validation: '[abc]'"):
         resolve_prompts(leak.prompts)
 
 

@@ -110,8 +110,36 @@ def _fake_dirs(sep):
     n = len(sep)
     z = np.zeros(n, dtype=np.float32)
     unit = np.eye(n, D, dtype=np.float32)
-    return LayerDirections("diff-in-means", "last", unit, unit, z + 1, np.asarray(sep, np.float32), z, z, z,
-                           np.eye(n, dtype=np.float32), (5, 5), (5, 5))
+    return LayerDirections("diff-in-means", "last", unit, unit, z + 1, z, z, z, z,
+                           np.eye(n, dtype=np.float32), (5, 5), (5, 5), separation_validation=np.asarray(sep, np.float32))
+
+
+def test_choose_layer_never_reads_the_test_split():
+    dirs = _fake_dirs([0, 1, 2, 3, 4, 5, 6, 5.5, 9, 10])
+    before = choose_layer(dirs)
+    dirs.separation_sigma = np.asarray([9, 0, 0, 0, 0, 0, 0, 0, 0, 0], np.float32)  # a different test set
+    assert choose_layer(dirs) == before and before.split == "validation"
+    dirs.separation_validation = None  # no validation prompts: the in-sample (train) separation decides
+    assert choose_layer(dirs).split == "train"
+
+
+def test_ablation_rule_refuses_effects_that_raise_refusal():
+    dirs = _fake_dirs([0, 1, 2, 3, 4, 5, 6, 5.5, 9, 10])
+    c = choose_layer(dirs, ablation_effect=-np.arange(1, 11, dtype=float))
+    assert c.rule == "separation" and c.layer == 6 and "no candidate's ablation lowered" in c.reason
+
+
+def test_separation_interval_and_probe_interval():
+    h, b = planted(n=60, seed=3, layers_with_signal=[2])
+    dirs = fit_directions(h[:40], b[:40], h[40:], b[40:], harmful_val=h[40:50], harmless_val=b[40:50])
+    lo, hi = dirs.separation_ci[2]
+    assert lo < dirs.separation_sigma[2] < hi and hi - lo > 0
+    again = fit_directions(h[:40], b[:40], h[40:], b[40:])
+    assert np.array_equal(again.separation_ci, dirs.separation_ci)  # seeded
+    plo, phi = dirs.probe_accuracy_ci[2]
+    assert plo <= dirs.probe_accuracy[2] <= phi and 0 <= plo < phi <= 1
+    assert np.isfinite(dirs.separation_validation[2]) and not np.isfinite(again.separation_validation).any()
+    json.dumps(dirs.to_dict())
 
 
 def test_choose_layer_skips_last_fifth():

@@ -45,7 +45,7 @@ def model_entry() -> dict[str, Any] | None:
         dirs=v["dirs"], choice=_choice(v["dirs"], v["choice"]),
         validation=validation["value"] if validation else None,
         patching=patching["value"] if patching else None,
-        scan=v.get("scan"), source=lm.source,
+        scan=v.get("scan"), source=lm.source, grid=v.get("grid"),
         timings={"directions": v.get("seconds", 0.0)},
         notes=[f"Prompts: {directions['settings']['prompts']} ({directions['settings']['counts']})."],
     )
@@ -90,7 +90,8 @@ def session_config() -> Config:
     if patching:
         p = patching["value"]
         patch_cfg = PatchingConfig(n_pairs=p.n_candidates, sites=tuple(p.sites), threshold=p.threshold)
-    position = state.position()
+    # the grid may have chosen the position: export the one the directions were fitted at
+    position = directions["value"]["dirs"].position if directions else state.position()
     return Config(models=(model,), prompts=prompts, position=position, generation=generation,
                   steering=SteeringConfig(**steering_kwargs), patching=patch_cfg)
 

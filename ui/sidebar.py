@@ -15,7 +15,7 @@ import torch
 
 from core.cache import default_cache
 from core.formatting import PRESETS, Preamble, get_preamble
-from core.prompts import builtin_split, parse_prompt_bytes, split_prompts, take
+from core.prompts import MIN_VALIDATION, builtin_three_way, parse_prompt_bytes, split_prompts, take, three_way
 
 from ui import state
 from ui.errors import guard
@@ -74,7 +74,9 @@ def model_section() -> None:
             st.warning("trust_remote_code runs code from the model's files on this machine.", icon=":material/warning:")
     c1, c2 = st.columns(2)
     dtype = c1.selectbox("dtype", DTYPES, index=DTYPES.index(current.get("dtype", "auto")), key="sb_dtype",
-                         help="auto = float32 on CPU (exact statistics), bfloat16 on GPUs.")
+                         help="auto = bfloat16 on CPUs with native bf16 units (faster; statistics are still "
+                              "accumulated in float32), else float32; bfloat16 (or float16) on GPUs. "
+                              "float32 for bit-level reproducibility.")
     devices = _devices()
     device = c2.selectbox("device", devices,
                           index=devices.index(current["device"]) if current.get("device") in devices else 0,
@@ -95,9 +97,12 @@ def model_section() -> None:
 
 # -- prompts ----------------------------------------------------------------------------------
 def _builtin_sets(n_train: int, n_test: int) -> state.PromptSets:
-    h, b = builtin_split("harmful"), builtin_split("harmless")
+    # validation: the default share of the canonical train split (as a batch config's prompts.validation_fraction)
+    h, b = builtin_three_way("harmful"), builtin_three_way("harmless")
+    n_train = min(n_train, len(h.train), len(b.train))
     return state.PromptSets(take(h.train, n_train), take(b.train, n_train), take(h.test, n_test), take(b.test, n_test),
-                            source=f"built-in ({n_train} train + {n_test} test per class)")
+                            source=f"built-in ({n_train} train + {n_test} test per class)",
+                            harmful_val=h.validation, harmless_val=b.validation)
 
 
 def _parse_upload(upload) -> tuple[list[str], list[str]]:
@@ -109,7 +114,7 @@ def _parse_upload(upload) -> tuple[list[str], list[str]]:
 
 def _uploaded_sets() -> state.PromptSets | None:
     st.caption("One prompt per line (.txt), a `prompt` column (.csv) or `{\"prompt\": …}` lines (.jsonl). "
-               "Each set is split 70/30 into train and test.")
+               "Each set is split 70/30 into train and test; a quarter of train becomes validation.")
     files = {
         "harmful": st.file_uploader("Harmful prompts", type=UPLOAD_TYPES, key="sb_up_harmful"),
         "harmless": st.file_uploader("Harmless prompts", type=UPLOAD_TYPES, key="sb_up_harmless"),
@@ -120,16 +125,17 @@ def _uploaded_sets() -> state.PromptSets | None:
     splits, notes, names = {}, [], []
     for label, upload in files.items():
         if upload is None:
-            splits[label] = builtin_split(label)
+            splits[label] = builtin_three_way(label)
             notes.append(f"No {label} file: using the built-in {label} set.")
             names.append(f"built-in {label}")
             continue
         with guard(f"Reading {upload.name}") as outcome:
             prompts, warns = _parse_upload(upload)
-            if len(prompts) < 4:
-                raise ValueError(f"{upload.name}: only {len(prompts)} prompt(s); at least 4 per class are needed "
-                                 "(some for training, some held out).")
-            splits[label] = split_prompts(prompts, 0.3, seed=0)
+            if len(prompts) < 8:
+                raise ValueError(f"{upload.name}: only {len(prompts)} prompt(s); at least 8 per class are needed "
+                                 "(some to train on, some to choose the layer with, some held out).")
+            splits[label] = three_way(split_prompts(prompts, 0.3, seed=0), seed=0, setting="validation share",
+                                      label=f"{upload.name} train")
             notes.extend(warns)
             names.append(upload.name)
         if outcome.failed:
@@ -137,7 +143,8 @@ def _uploaded_sets() -> state.PromptSets | None:
     for note in notes:
         st.caption(note)
     h, b = splits["harmful"], splits["harmless"]
-    return state.PromptSets(h.train, b.train, h.test, b.test, source="uploaded: " + " + ".join(names), notes=notes)
+    return state.PromptSets(h.train, b.train, h.test, b.test, source="uploaded: " + " + ".join(names), notes=notes,
+                            harmful_val=h.validation, harmless_val=b.validation)
 
 
 def _edited_sets() -> state.PromptSets | None:
@@ -146,6 +153,7 @@ def _edited_sets() -> state.PromptSets | None:
         current = state.prompt_sets() or _builtin_sets(DEFAULT_N_TRAIN, DEFAULT_N_TEST)
         rows = [(c, s, p) for c, s, items in (
             ("harmful", "train", current.harmful_train), ("harmless", "train", current.harmless_train),
+            ("harmful", "validation", current.harmful_val), ("harmless", "validation", current.harmless_val),
             ("harmful", "test", current.harmful_test), ("harmless", "test", current.harmless_test),
         ) for p in items]
         base = pd.DataFrame(rows, columns=["class", "split", "prompt"])
@@ -155,21 +163,33 @@ def _edited_sets() -> state.PromptSets | None:
         base, num_rows="dynamic", key="sb_editor", hide_index=True, height=260,
         column_config={
             "class": st.column_config.SelectboxColumn("class", options=["harmful", "harmless"], required=True, width="small"),
-            "split": st.column_config.SelectboxColumn("split", options=["train", "test"], required=True, width="small"),
+            "split": st.column_config.SelectboxColumn("split", options=["train", "validation", "test"], required=True,
+                                                      width="small"),
             "prompt": st.column_config.TextColumn("prompt", required=True, width="large"),
         },
     )
     df = df.dropna()
     df = df[df["prompt"].astype(str).str.strip() != ""]
     groups = {(c, s): df[(df["class"] == c) & (df["split"] == s)]["prompt"].astype(str).str.strip().tolist()
-              for c in ("harmful", "harmless") for s in ("train", "test")}
-    short = [f"{c} {s}" for (c, s), items in groups.items() if len(items) < (2 if s == "train" else 1)]
+              for c in ("harmful", "harmless") for s in ("train", "validation", "test")}
+    need = {"train": 2, "validation": MIN_VALIDATION, "test": 1}
+    short = [f"{c} {s}" for (c, s), items in groups.items() if len(items) < need[s]]
     if short:
-        st.error(f"Too few prompts in: {', '.join(short)}. Each class needs at least 2 train and 1 test prompt. "
-                 "The previous prompts stay in use.", icon=":material/error:")
+        st.error(f"Too few prompts in: {', '.join(short)}. Each class needs at least 2 train, {MIN_VALIDATION} validation "
+                 "and 1 test prompt. The previous prompts stay in use.", icon=":material/error:")
+        return None
+    from core.errors import SplitError
+    from core.prompts import check_disjoint
+
+    try:
+        check_disjoint({"test": groups["harmful", "test"] + groups["harmless", "test"]},
+                       {s: groups["harmful", s] + groups["harmless", s] for s in ("train", "validation")})
+    except SplitError as exc:
+        st.error(f"{exc} The previous prompts stay in use.", icon=":material/error:")
         return None
     return state.PromptSets(groups["harmful", "train"], groups["harmless", "train"], groups["harmful", "test"],
-                            groups["harmless", "test"], source="edited table")
+                            groups["harmless", "test"], source="edited table",
+                            harmful_val=groups["harmful", "validation"], harmless_val=groups["harmless", "validation"])
 
 
 def prompts_section() -> None:
@@ -178,10 +198,11 @@ def prompts_section() -> None:
     sets: state.PromptSets | None = None
     if mode == "Built-in":
         c1, c2 = st.columns(2)
-        n_train = c1.number_input("train / class", 4, 150, DEFAULT_N_TRAIN, step=8, key="sb_n_train",
-                                  help="Prompts per class used to fit the direction.")
+        n_train = c1.number_input("train / class", 4, 115, DEFAULT_N_TRAIN, step=8, key="sb_n_train",
+                                  help="Prompts per class used to fit the direction. A quarter of the built-in train "
+                                       "split is set aside as validation (it chooses the position and layer).")
         n_test = c2.number_input("test / class", 2, 66, DEFAULT_N_TEST, step=8, key="sb_n_test",
-                                 help="Held-out prompts per class (separation, validation, steering).")
+                                 help="Held-out prompts per class: they only produce reported figures.")
         sets = _builtin_sets(int(n_train), int(n_test))
     elif mode == "Upload":
         sets = _uploaded_sets()
@@ -202,7 +223,8 @@ def prompts_section() -> None:
 def preamble_section() -> None:
     names = [*PRESETS, "custom"]
     lm = state.current_model()
-    default = "none" if lm is not None and lm.source == "embedded-refusal" else "prompted-refusal"
+    # the organism refuses on its own; Gemma-3-270M base runs as the seed ran base models, without one
+    default = "none" if lm is not None and lm.source in ("embedded-refusal", "gemma-3-270m") else "prompted-refusal"
     choice = st.selectbox("Preamble", names, index=names.index(default), key="sb_preamble",
                           help="Text placed before every prompt. 'prompted-refusal' = a system prompt plus "
                                "demonstrations that make the small chat model refuse harmful requests.")
@@ -276,4 +298,8 @@ def render() -> None:
         with st.expander("Preamble & position", expanded=False, icon=":material/tune:"):
             preamble_section()
             position_section()
+        with st.expander("Judge", expanded=False, icon=":material/gavel:"):
+            from ui.judge import judge_section
+
+            judge_section()
         status_line()

@@ -22,6 +22,7 @@ from core.models import LoadedModel, load_model
 SOURCES = {
     "embedded": "Embedded SmolLM2-135M-Instruct",
     "embedded-refusal": "Embedded refusal-tuned organism",
+    "gemma-3-270m": "Gemma-3-270M (base, offline package)",
     "hub": "Hugging Face hub id",
     "folder": "Local model folder",
     "gguf": "GGUF file",
@@ -31,6 +32,8 @@ SOURCE_HELP = {
     "embedded-refusal": "SmolLM2 fine-tuned on the built-in training prompts to refuse harmful requests "
                         "without any system prompt — a model organism whose refusal is in the weights. "
                         "Built once on first use (about 6 minutes on a 2-core laptop CPU), then cached.",
+    "gemma-3-270m": "Google's 270M base model (no chat template: the base template is used), installed "
+                    "from pip packages by `make setup`; assembled and converted once (about a minute), then cached.",
     "hub": "Needs network access to huggingface.co (or the model already in the local HF cache).",
     "folder": "A folder saved with save_pretrained (config.json + weights + tokenizer).",
     "gguf": "A .gguf file; it is de-quantised once and cached under cache/models/.",
@@ -40,7 +43,8 @@ DEFAULT_SPEC = {"kind": "embedded", "path": "", "dtype": "auto", "device": "auto
 
 @dataclass
 class PromptSets:
-    """The four prompt lists every analysis uses, plus where they came from."""
+    """The prompt lists every analysis uses, plus where they came from: train fits, validation
+    chooses (position, layer, coefficient), test only reports."""
 
     harmful_train: list[str]
     harmless_train: list[str]
@@ -48,23 +52,27 @@ class PromptSets:
     harmless_test: list[str]
     source: str = "built-in"
     notes: list[str] = field(default_factory=list)
+    harmful_val: list[str] = field(default_factory=list)
+    harmless_val: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "source": self.source,
             "harmful_train": self.harmful_train, "harmless_train": self.harmless_train,
+            "harmful_val": self.harmful_val, "harmless_val": self.harmless_val,
             "harmful_test": self.harmful_test, "harmless_test": self.harmless_test,
         }
 
     def counts(self) -> str:
         return (f"{len(self.harmful_train)}+{len(self.harmless_train)} train, "
+                f"{len(self.harmful_val)}+{len(self.harmless_val)} validation, "
                 f"{len(self.harmful_test)}+{len(self.harmless_test)} test")
 
 
 def source_string(spec: dict[str, Any]) -> str:
     """What ``core.models.load_model`` takes for a sidebar spec."""
     kind = spec["kind"]
-    if kind in ("embedded", "embedded-refusal"):
+    if kind in ("embedded", "embedded-refusal", "gemma-3-270m"):
         return kind
     return str(spec.get("path", "")).strip()
 

@@ -1,19 +1,22 @@
 """Does the direction *cause* refusal? Steering experiments against controls.
 
-Three questions, each answered on the held-out test prompts with a seeded random direction of
-equal norm as the control (a direction that moves behaviour only as much as a random one has
-not been shown to be special):
+Three questions, each answered on the held-out test prompts:
 
 * **Force refusal** — harmless prompts with +α·v̂ added at the chosen layer, for a sweep of α.
 * **Suppress refusal** — harmful prompts with v̂ ablated everywhere, and with −α·v̂ at the layer.
 * **Side effects** — KL divergence of the first-response-token distribution on harmless prompts,
-  intervened vs clean (small = the intervention leaves ordinary behaviour alone).
+  intervened vs clean, and the teacher-forced cost over the clean model's whole answers
+  (:mod:`core.capability`).
 
-Rates come from the substring judge on greedy generations (:func:`core.metrics.refusal_rate`),
-each with its Wilson 95 % interval. The headline force coefficient is the *smallest* α in the
-sweep whose rate reaches :data:`FORCE_TARGET_RATE` (else the α with the highest rate): the
-least intervention that does the job, so the KL next to it is not inflated by overshooting.
-The headline suppression is directional ablation.
+Every generation is labelled by a judge (default: the three-way substring judge of
+:mod:`core.judge`; refusal, compliance or degenerate) and kept, with its prompt and condition, in
+``generations``. Rates of refusal and of degenerate text are reported separately; force and
+suppress rates count refusals only. Each sweep point has one seeded random control; the two
+headline interventions (ablation, and the chosen force coefficient) are compared with
+:data:`core.controls.DEFAULT_N_RANDOM` random directions and a label-shuffled direction, and
+called specific only by the rule of :mod:`core.controls`. The headline force coefficient is the
+*smallest* α in the sweep whose refusal rate reaches :data:`FORCE_TARGET_RATE` (else the α with
+the highest rate): the least intervention that does the job.
 
 :func:`scan_layers` is the fast (no generation) per-layer ablation screen that feeds
 :func:`core.directions.choose_layer`.
@@ -27,49 +30,63 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from core.directions import LayerDirections, candidate_layers
+from core.capability import AnswerCost, answer_costs
+from core.controls import DEFAULT_N_RANDOM, ControlComparison, ControlResult, control_interventions
+from core.directions import LayerDirections
 from core.formatting import Formatter
 from core.generation import next_token_logits
-from core.metrics import Rate, kl_divergence, refusal_rate, refusal_score, refusal_token_ids
+from core.judge import judge_all
+from core.metrics import Rate, kl_divergence, label_rates, refusal_score, refusal_token_ids
+from core.layer_scan import LayerScan, _Steps, scan_layers  # noqa: F401  (re-exported: the screen lives there)
 from core.models import LoadedModel
 from core.steering import Intervention, ablate, add, edits_for, random_like, steered_generate, subtract
 
 Progress = Callable[[float, str], None]
+Judge = Callable[[Sequence[str]], list[str]]  # answers -> "refusal" | "compliance" | "degenerate"
 
 # Coefficients in normalised units (multiples of the layer's mean activation norm).
 # Measured on SmolLM2-135M-Instruct, prompted-refusal preset (formatter key fb986f18…), position
-# "last", layer 23 (the default rule's pick), 40+40 test prompts (/work/notes/science-results.md):
+# "last", layer 23 (the default rule's pick), 40+40 test prompts, with the old substring judge:
 # adding 0.25 -> 77.5 % harmless refusal (random direction 12.5 %), 0.5 -> 95 % (random 30 %),
 # 0.75 -> 90 % (random 0 %) with KL rising 0.20 -> 0.69 -> 1.23; an earlier run showed 1.0
 # overshooting into degenerate text. The raw direction (norm 46 = 0.12 of the mean norm 373) is too
 # small. Subtracting 0.5 -> 17.5 % harmful refusal (random 65 %). So the sweep brackets 0.5.
 DEFAULT_FORCE_COEFFICIENTS: tuple[float, ...] = (0.25, 0.5, 0.75)
 DEFAULT_SUBTRACT_COEFFICIENTS: tuple[float, ...] = (0.5,)
-# The judge's refusal phrases appear in the first few tokens; 16–24 tokens suffice and keep
+# The judge's refusal phrases appear in the opening; 16–24 tokens suffice and keep
 # validation affordable on a CPU.
 DEFAULT_MAX_NEW_TOKENS = 24
 FORCE_TARGET_RATE = 0.9
 
 
-def _f(x: float) -> float | None:
-    return float(x) if np.isfinite(x) else None
+def _f(x: float | None) -> float | None:
+    return float(x) if x is not None and np.isfinite(x) else None
+
+
+def _rd(r: Rate | None) -> dict | None:
+    return r.to_dict() if r is not None else None
 
 
 @dataclass
 class SteerPoint:
-    """One coefficient of a sweep: the steered rate, the random-direction control, the KL."""
+    """One coefficient of a sweep: the steered refusal rate, the random-direction control, the
+    KL, and the share of degenerate answers (not counted as refusals)."""
 
     coefficient: float
     rate: Rate
     random_rate: Rate
     kl: float  # mean KL(clean ‖ steered) on harmless prompts, first response token
     random_kl: float
+    degenerate: Rate | None = None
+    random_degenerate: Rate | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "coefficient": self.coefficient,
             "rate": self.rate.to_dict(),
             "random_rate": self.random_rate.to_dict(),
+            "degenerate": _rd(self.degenerate),
+            "random_degenerate": _rd(self.random_degenerate),
             "kl": _f(self.kl),
             "random_kl": _f(self.random_kl),
         }
@@ -89,17 +106,26 @@ class ValidationResult:
     scale: float  # the layer's mean activation norm (the unit of normalised coefficients)
     seed: int
     max_new_tokens: int
-    baseline: dict[str, Rate]
+    baseline: dict[str, Rate]  # harmful_/harmless_ refusal and degenerate
     force: list[SteerPoint]
-    suppress_ablation: dict[str, Any]  # {"rate": Rate, "random_rate": Rate, "kl_harmless": float, "random_kl_harmless": float}
+    suppress_ablation: dict[str, Any]  # rate, random_rate, degenerate, random_degenerate (Rate); kl_harmless, random_kl_harmless
     suppress_subtract: list[SteerPoint]  # rates on harmful prompts; kl on harmless
     force_coefficient: float | None
     samples: list[dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    controls: dict[str, ControlComparison] = field(default_factory=dict)  # "force", "ablation"
+    capability: dict[str, AnswerCost] = field(default_factory=dict)  # per condition, over clean harmless answers
+    generations: list[dict[str, str]] = field(default_factory=list)  # condition, prompts, prompt, generation, label
+    judge: str = "substring"
+    agreement: dict[str, Rate] = field(default_factory=dict)  # judge vs first-token score (baseline), vs substring judge
 
     # -- headline numbers ----------------------------------------------------------------
     def _force_point(self) -> SteerPoint | None:
         return next((p for p in self.force if p.coefficient == self.force_coefficient), None)
+
+    def _verdict(self, key: str) -> dict[str, Any]:
+        c = self.controls.get(key)
+        return {"specific": c.specific if c else None, "controls_n": len(c.controls) if c else 1}
 
     @property
     def force_refusal(self) -> dict[str, Any]:
@@ -109,7 +135,7 @@ class ValidationResult:
         return {
             "rate": p.rate.rate, "ci": list(p.rate.ci), "k": p.rate.successes, "n": p.rate.n,
             "random_control_rate": p.random_rate.rate, "random_control_ci": list(p.random_rate.ci),
-            "coefficient": p.coefficient, "kl": _f(p.kl),
+            "coefficient": p.coefficient, "kl": _f(p.kl), "degenerate": _rd(p.degenerate), **self._verdict("force"),
         }
 
     @property
@@ -119,15 +145,20 @@ class ValidationResult:
         return {
             "rate": r.rate, "ci": list(r.ci), "k": r.successes, "n": r.n,
             "random_control_rate": c.rate, "random_control_ci": list(c.ci),
-            "coefficient": "ablate",
+            "coefficient": "ablate", "degenerate": _rd(self.suppress_ablation.get("degenerate")), **self._verdict("ablation"),
         }
 
     @property
     def kl_harmless(self) -> dict[str, float | None]:
         p = self._force_point()
-        return {"ablation": _f(self.suppress_ablation["kl_harmless"]), "force": _f(p.kl) if p else None}
+        out = {"ablation": _f(self.suppress_ablation["kl_harmless"]), "force": _f(p.kl) if p else None}
+        for key in ("ablation", "force"):
+            cost = self.capability.get(key)
+            out[f"{key}_per_token"] = _f(cost.kl) if cost else None
+        return out
 
     def to_dict(self) -> dict[str, Any]:
+        sa = self.suppress_ablation
         return {
             "layer": self.layer,
             "position": self.position,
@@ -138,20 +169,24 @@ class ValidationResult:
             "scale": self.scale,
             "seed": self.seed,
             "max_new_tokens": self.max_new_tokens,
+            "judge": self.judge,
             "baseline": {k: v.to_dict() for k, v in self.baseline.items()},
             "force": [p.to_dict() for p in self.force],
             "suppress_ablation": {
-                "rate": self.suppress_ablation["rate"].to_dict(),
-                "random_rate": self.suppress_ablation["random_rate"].to_dict(),
-                "kl_harmless": _f(self.suppress_ablation["kl_harmless"]),
-                "random_kl_harmless": _f(self.suppress_ablation["random_kl_harmless"]),
+                "rate": sa["rate"].to_dict(), "random_rate": sa["random_rate"].to_dict(),
+                "degenerate": _rd(sa.get("degenerate")), "random_degenerate": _rd(sa.get("random_degenerate")),
+                "kl_harmless": _f(sa["kl_harmless"]), "random_kl_harmless": _f(sa["random_kl_harmless"]),
             },
             "suppress_subtract": [p.to_dict() for p in self.suppress_subtract],
             "force_refusal": self.force_refusal,
             "suppress_refusal": self.suppress_refusal,
             "kl_harmless": self.kl_harmless,
-            "force_rule": f"smallest coefficient with rate ≥ {FORCE_TARGET_RATE:.0%}, else the highest rate",
+            "force_rule": f"smallest coefficient with refusal rate ≥ {FORCE_TARGET_RATE:.0%}, else the highest rate",
+            "controls": {k: c.to_dict() for k, c in self.controls.items()},
+            "capability": {k: c.to_dict() for k, c in self.capability.items()},
+            "agreement": {k: r.to_dict() for k, r in self.agreement.items()},
             "samples": list(self.samples),
+            "generations": list(self.generations),
             "seconds": self.seconds,
         }
 
@@ -166,18 +201,6 @@ def choose_force_coefficient(points: Sequence[SteerPoint], target: float = FORCE
         if p.rate.rate >= target:
             return p.coefficient
     return max(ordered, key=lambda p: (p.rate.rate, -abs(p.coefficient))).coefficient
-
-
-class _Steps:
-    """Progress in equal steps, with a message per step."""
-
-    def __init__(self, total: int, progress: Progress | None) -> None:
-        self.total, self.done, self.progress = max(total, 1), 0, progress
-
-    def __call__(self, message: str) -> None:
-        self.done += 1
-        if self.progress:
-            self.progress(min(1.0, self.done / self.total), message)
 
 
 def run_validation(
@@ -196,11 +219,19 @@ def run_validation(
     n_samples: int = 4,
     batch_size: int = 16,
     progress: Progress | None = None,
+    judge: Judge | None = None,
+    judge_name: str = "substring",
+    n_random_controls: int = DEFAULT_N_RANDOM,
+    shuffled: np.ndarray | None = None,
+    capability: bool = True,
 ) -> ValidationResult:
-    """Force / suppress refusal with random-direction controls and KL (module docstring).
+    """Force / suppress refusal against controls, with KL and capability cost (module docstring).
 
-    The random control of every intervention is :func:`core.steering.random_like` with
-    ``seed`` (one random direction, reused across coefficients), so reruns are identical.
+    The sweep's control is :func:`core.steering.random_like` with ``seed``; the headline
+    interventions also get seeds ``seed + 1 …`` up to ``n_random_controls`` and, when
+    ``shuffled`` (the label-shuffled difference in means at ``layer``, see
+    :func:`core.controls.shuffled_direction`) is given, that direction. Reruns are identical.
+    ``judge`` labels a list of answers (default: :func:`core.judge.judge_all`).
     """
     t0 = time.perf_counter()
     layer = lm.check_layer(layer)
@@ -210,14 +241,23 @@ def run_validation(
         raise ValueError("validation needs harmful and harmless test prompts; one set is empty")
     if not coefficients:
         raise ValueError("give at least one force coefficient")
-    n_gen = 2 + 2 + 2 * len(coefficients) + 2 * len(subtract_coefficients)
-    n_kl = 1 + 2 + 2 * len(coefficients) + 2 * len(subtract_coefficients)
+    label_fn: Judge = judge or judge_all
+    n_extra = max(0, n_random_controls - 1) + (shuffled is not None)
+    n_gen = 2 + 2 + 2 * len(coefficients) + 2 * len(subtract_coefficients) + 2 * n_extra
+    n_kl = 1 + 2 + 2 * len(coefficients) + 2 * len(subtract_coefficients) + int(capability) + 1
     step = _Steps(n_gen + n_kl, progress)
+    generations: list[dict[str, str]] = []
 
-    def gen(prompts: list[str], ivs: list[Intervention], what: str) -> list[str]:
+    def gen(prompts: list[str], ivs: list[Intervention], condition: str, kind: str) -> tuple[list[str], list[str]]:
         out = steered_generate(lm, formatter, prompts, ivs, max_new_tokens=max_new_tokens, batch_size=batch_size)
-        step(what)
-        return out
+        raw = label_fn.label(out, prompts) if hasattr(label_fn, "label") else label_fn(out)
+        labels = [str(getattr(x, "value", x)) for x in raw]
+        substring = judge_all(out) if judge is not None else labels
+        generations.extend({"condition": condition, "prompts": kind, "prompt": p, "generation": g, "label": lab,
+                            **({"substring_label": sub} if judge is not None else {})}
+                           for p, g, lab, sub in zip(prompts, out, labels, substring))
+        step(condition)
+        return out, labels
 
     clean_logits = next_token_logits(lm, formatter, harmless, batch_size=batch_size)
     step("clean first-token logits")
@@ -227,16 +267,19 @@ def run_validation(
         step(what)
         return float(np.mean(kl_divergence(clean_logits, logits)))
 
-    base_harmful = gen(harmful, [], "baseline on harmful")
-    base_harmless = gen(harmless, [], "baseline on harmless")
-    baseline = {"harmful_refusal": refusal_rate(base_harmful), "harmless_refusal": refusal_rate(base_harmless)}
+    base_harmful, lab_bh = gen(harmful, [], "baseline", "harmful")
+    base_harmless, lab_bb = gen(harmless, [], "baseline", "harmless")
+    rb_h, rb_b = label_rates(lab_bh), label_rates(lab_bb)
+    baseline = {"harmful_refusal": rb_h["refusal"], "harmless_refusal": rb_b["refusal"],
+                "harmful_degenerate": rb_h["degenerate"], "harmless_degenerate": rb_b["degenerate"]}
 
     abl = ablate(dirs, layer)
     abl_rand = random_like(abl, seed)
-    abl_out = gen(harmful, [abl], "ablation on harmful")
+    abl_out, lab_abl = gen(harmful, [abl], "ablate", "harmful")
+    _, lab_abl_r = gen(harmful, [abl_rand], f"ablate random #0 (seed {seed})", "harmful")
+    ra, rr = label_rates(lab_abl), label_rates(lab_abl_r)
     suppress_ablation = {
-        "rate": refusal_rate(abl_out),
-        "random_rate": refusal_rate(gen(harmful, [abl_rand], "random ablation on harmful")),
+        "rate": ra["refusal"], "random_rate": rr["refusal"], "degenerate": ra["degenerate"], "random_degenerate": rr["degenerate"],
         "kl_harmless": kl([abl], "KL of ablation"),
         "random_kl_harmless": kl([abl_rand], "KL of random ablation"),
     }
@@ -246,30 +289,68 @@ def run_validation(
     for c in coefficients:
         iv = add(dirs, layer, c, normalised)
         rnd = random_like(iv, seed)
-        force_out[c] = gen(harmless, [iv], f"add {c:g}")
-        force.append(SteerPoint(
-            c, refusal_rate(force_out[c]), refusal_rate(gen(harmless, [rnd], f"random add {c:g}")),
-            kl([iv], f"KL of add {c:g}"), kl([rnd], f"KL of random add {c:g}"),
-        ))
+        force_out[c], lab = gen(harmless, [iv], f"add {c:g}", "harmless")
+        _, lab_r = gen(harmless, [rnd], f"add {c:g} random #0 (seed {seed})", "harmless")
+        r, r0 = label_rates(lab), label_rates(lab_r)
+        force.append(SteerPoint(c, r["refusal"], r0["refusal"], kl([iv], f"KL of add {c:g}"), kl([rnd], f"KL of random add {c:g}"),
+                                r["degenerate"], r0["degenerate"]))
 
     sub_points: list[SteerPoint] = []
     for c in subtract_coefficients:
         iv = subtract(dirs, layer, c, normalised)
         rnd = random_like(iv, seed)
-        sub_points.append(SteerPoint(
-            c, refusal_rate(gen(harmful, [iv], f"subtract {c:g}")),
-            refusal_rate(gen(harmful, [rnd], f"random subtract {c:g}")),
-            kl([iv], f"KL of subtract {c:g}"), kl([rnd], f"KL of random subtract {c:g}"),
-        ))
+        r = label_rates(gen(harmful, [iv], f"subtract {c:g}", "harmful")[1])
+        r0 = label_rates(gen(harmful, [rnd], f"subtract {c:g} random #0 (seed {seed})", "harmful")[1])
+        sub_points.append(SteerPoint(c, r["refusal"], r0["refusal"], kl([iv], f"KL of subtract {c:g}"),
+                                     kl([rnd], f"KL of random subtract {c:g}"), r["degenerate"], r0["degenerate"]))
 
     chosen = choose_force_coefficient(force)
+    point = next(p for p in force if p.coefficient == chosen)
+    head_add = add(dirs, layer, chosen, normalised)
+
+    def compare(iv: Intervention, condition: str, kind: str, prompts: list[str], own: tuple[Rate, Rate],
+                first: tuple[Rate, Rate], expect: str) -> ControlComparison:
+        ctrls = [ControlResult(f"random #0 (seed {seed})", *first)]
+        for name, civ in control_interventions(iv, seed, n_random_controls, shuffled)[1:]:
+            r = label_rates(gen(prompts, [civ], f"{condition} {name}", kind)[1])
+            ctrls.append(ControlResult(name, r["refusal"], r["degenerate"]))
+        return ControlComparison(condition, own[0], own[1], expect, ctrls)
+
+    controls = {
+        "ablation": compare(abl, "ablate", "harmful", harmful, (ra["refusal"], ra["degenerate"]),
+                            (rr["refusal"], rr["degenerate"]), "below"),
+        "force": compare(head_add, f"add {chosen:g}", "harmless", harmless, (point.rate, point.degenerate),
+                         (point.random_rate, point.random_degenerate), "above"),
+    }
+
+    # does the judge agree with the first-token refusal score (and with the substring judge)?
+    harmful_logits = next_token_logits(lm, formatter, harmful, batch_size=batch_size)
+    score_says = [bool(x > 0) for x in refusal_score(harmful_logits, refusal_token_ids(lm.tokenizer))] + \
+        [bool(x > 0) for x in refusal_score(clean_logits, refusal_token_ids(lm.tokenizer))]
+    step("first-token refusal score on harmful prompts")
+    base_rows = [g for g in generations if g["condition"] == "baseline"]
+    agreement = {"judge_vs_score": Rate(sum((g["label"] == "refusal") == s for g, s in zip(base_rows, score_says)), len(base_rows))}
+    if judge is not None:
+        agreement["judge_vs_substring"] = Rate(sum(g["label"] == g["substring_label"] for g in generations), len(generations))
+
+    costs: dict[str, AnswerCost] = {}
+    if capability:
+        costs = answer_costs(lm, formatter, harmless, base_harmless, {
+            "ablation": edits_for(lm, [abl]), "force": edits_for(lm, [head_add]),
+            "random ablation": edits_for(lm, [abl_rand]), "random force": edits_for(lm, [random_like(head_add, seed)]),
+        }, max_answer_tokens=max_new_tokens, batch_size=batch_size)
+        step("capability cost over whole answers")
+
     samples: list[dict[str, str]] = []
     for i in range(min(n_samples, len(harmful))):
         samples.append({"prompt": harmful[i], "kind": "harmful", "intervention": "ablate",
-                        "baseline": base_harmful[i], "steered": abl_out[i]})
+                        "baseline": base_harmful[i], "steered": abl_out[i],
+                        "baseline_label": lab_bh[i], "steered_label": lab_abl[i]})
+    chosen_labels = [g["label"] for g in generations if g["condition"] == f"add {chosen:g}"]
     for i in range(min(n_samples, len(harmless))):
         samples.append({"prompt": harmless[i], "kind": "harmless", "intervention": f"add {chosen:g}",
-                        "baseline": base_harmless[i], "steered": force_out[chosen][i]})
+                        "baseline": base_harmless[i], "steered": force_out[chosen][i],
+                        "baseline_label": lab_bb[i], "steered_label": chosen_labels[i]})
     return ValidationResult(
         layer=layer, position=dirs.position, method=dirs.method,
         n_harmful=len(harmful), n_harmless=len(harmless),
@@ -277,74 +358,5 @@ def run_validation(
         seed=seed, max_new_tokens=max_new_tokens,
         baseline=baseline, force=force, suppress_ablation=suppress_ablation, suppress_subtract=sub_points,
         force_coefficient=chosen, samples=samples, seconds=time.perf_counter() - t0,
+        controls=controls, capability=costs, generations=generations, judge=judge_name, agreement=agreement,
     )
-
-
-# ---------------------------------------------------------------------------------------
-# the fast per-layer screen (no generation)
-# ---------------------------------------------------------------------------------------
-@dataclass
-class LayerScan:
-    """Per-layer effect of ablating that layer's direction, from first-token logits only."""
-
-    layers: list[int]
-    baseline_score: float  # mean refusal score (log-odds) on harmful prompts, unsteered
-    ablated_score: np.ndarray  # [L] NaN where not scanned
-    ablation_effect: np.ndarray  # [L] baseline − ablated (larger = ablation removes more refusal)
-    kl: np.ndarray  # [L] mean KL on harmless prompts under that ablation
-    n_harmful: int
-    n_harmless: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "layers": list(self.layers),
-            "baseline_score": _f(self.baseline_score),
-            "ablated_score": [_f(x) for x in self.ablated_score],
-            "ablation_effect": [_f(x) for x in self.ablation_effect],
-            "kl": [_f(x) for x in self.kl],
-            "n_harmful": self.n_harmful,
-            "n_harmless": self.n_harmless,
-        }
-
-
-def scan_layers(
-    lm: LoadedModel,
-    formatter: Formatter,
-    dirs: LayerDirections,
-    harmful: Sequence[str],
-    harmless: Sequence[str],
-    *,
-    layers: Sequence[int] | None = None,
-    skip_last_fraction: float = 0.2,
-    batch_size: int = 16,
-    progress: Progress | None = None,
-) -> LayerScan:
-    """For each candidate layer, ablate its direction everywhere and measure the drop of the
-    refusal score on ``harmful`` and the KL on ``harmless`` (one forward pass each; no
-    generation). Feed ``ablation_effect`` and ``kl`` to :func:`core.directions.choose_layer`.
-    Use prompts the direction was *not* fitted on if you can (e.g. a slice of the test split)."""
-    harmful, harmless = list(harmful), list(harmless)
-    if not harmful or not harmless:
-        raise ValueError("the layer scan needs harmful and harmless prompts")
-    todo = [lm.check_layer(i) for i in layers] if layers is not None else candidate_layers(dirs.n_layers, skip_last_fraction)
-    ids = refusal_token_ids(lm.tokenizer)
-    step = _Steps(2 + 2 * len(todo), progress)
-    base = float(np.mean(refusal_score(next_token_logits(lm, formatter, harmful, batch_size=batch_size), ids)))
-    step("baseline refusal score")
-    clean = next_token_logits(lm, formatter, harmless, batch_size=batch_size)
-    step("clean harmless logits")
-    n = dirs.n_layers
-    ablated, kls = np.full(n, np.nan), np.full(n, np.nan)
-    for layer in todo:
-        try:
-            iv = ablate(dirs, layer)
-        except ValueError:  # no direction at this layer
-            step(f"layer {layer} skipped")
-            step(f"layer {layer} skipped")
-            continue
-        edits = edits_for(lm, [iv])
-        ablated[layer] = float(np.mean(refusal_score(next_token_logits(lm, formatter, harmful, edits=edits, batch_size=batch_size), ids)))
-        step(f"layer {layer}: refusal score")
-        kls[layer] = float(np.mean(kl_divergence(clean, next_token_logits(lm, formatter, harmless, edits=edits, batch_size=batch_size))))
-        step(f"layer {layer}: KL")
-    return LayerScan(todo, base, ablated, base - ablated, kls, len(harmful), len(harmless))

@@ -7,11 +7,15 @@ import pandas as pd
 import streamlit as st
 
 from core import charts
-from core.report import rate_text
+from core.conclusions import conclusions
+from core.controls import DEFAULT_N_RANDOM, shuffled_control
+from core.llm_judge import make_judge
+from core.report import CONTROL_HEAD, control_rows, rate_text
 from core.validation import DEFAULT_FORCE_COEFFICIENTS, DEFAULT_MAX_NEW_TOKENS, DEFAULT_SUBTRACT_COEFFICIENTS, run_validation
 from ui import charts as ui_charts
 from ui import entries, page, state
 from ui.errors import guard
+from ui.judge import judge_spec
 from ui.progress import progress_bar
 
 COEFFICIENT_CHOICES = [0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0]
@@ -26,31 +30,44 @@ sets = state.prompt_sets()
 with st.container(border=True):
     c1, c2, c3 = st.columns(3)
     layer = c1.number_input("Layer", 0, dirs.n_layers - 1, value=page.active_layer(dentry["value"]["layer"]),
-                            key="val_layer", help="Defaults to the layer selected on the Directions page.")
+                            key="val_layer",
+                            help="Layer i = the output of block i (0-indexed). Defaults to the layer selected "
+                                 "on the Directions page.")
     n_max = min(len(sets.harmful_test), len(sets.harmless_test))
     n = c2.slider("Test prompts per class", 1, n_max, min(16, n_max), key="val_n", persist_state="session",
                   help="Held-out prompts; fewer = faster, wider intervals.")
     max_tokens = c3.slider("Max new tokens", 8, 96, DEFAULT_MAX_NEW_TOKENS, step=4, key="val_tokens",
-                           persist_state="session", help="The refusal judge reads the start of each answer.")
+                           persist_state="session",
+                           help="The judge looks for refusal phrases in the answer's opening (first sentence, "
+                                "≤ 160 characters) and for degeneration in the whole answer.")
     c4, c5, c6 = st.columns([2, 2, 1], vertical_alignment="bottom")
     force = c4.multiselect("Force coefficients (+α·v on harmless)", COEFFICIENT_CHOICES,
                            default=[c for c in DEFAULT_FORCE_COEFFICIENTS if c in COEFFICIENT_CHOICES], key="val_force",
-                           persist_state="session")
+                           persist_state="session", help="α in multiples of the layer's mean activation norm.")
     sub = c5.multiselect("Subtract coefficients (−α·v on harmful)", COEFFICIENT_CHOICES,
                          default=[c for c in DEFAULT_SUBTRACT_COEFFICIENTS if c in COEFFICIENT_CHOICES], key="val_sub",
-                         persist_state="session")
+                         persist_state="session", help="α in multiples of the layer's mean activation norm.")
     seed = c6.number_input("Control seed", 0, 10_000, 0, key="val_seed", persist_state="session")
-    n_gen = (4 + 2 * len(force) + 2 * len(sub))
+    n_controls = st.slider("Random control directions (headline interventions)", 1, 10, DEFAULT_N_RANDOM, key="val_nctrl",
+                           persist_state="session",
+                           help="Seeded random directions of equal norm for ablation and the chosen force coefficient; "
+                                "a label-shuffled direction is always added. An effect is specific only if it clears all.")
+    n_gen = 4 + 2 * len(force) + 2 * len(sub) + 2 * int(n_controls)
     st.caption(f"{n_gen} batches of greedy generations of {n} prompts × up to {max_tokens} tokens, plus "
-               f"{3 + 2 * len(force) + 2 * len(sub)} forward passes for KL. Ablation runs on every block.")
+               f"{4 + 2 * len(force) + 2 * len(sub)} forward passes for KL and capability cost. Ablation runs on every block.")
     run = st.button("Run validation", type="primary", icon=":material/play_arrow:", key="val_run",
                     disabled=not force)
 
 if run:
     with guard("Validation"), progress_bar("Validating") as progress:
-        result = run_validation(lm, state.formatter(lm), dirs, int(layer), sets.harmful_test[:n], sets.harmless_test[:n],
+        fmt = state.formatter(lm)
+        shuffled = shuffled_control(lm, fmt, dirs, int(layer), sets.harmful_train, sets.harmless_train, int(seed))
+        spec = judge_spec()
+        result = run_validation(lm, fmt, dirs, int(layer), sets.harmful_test[:n], sets.harmless_test[:n],
                                 coefficients=sorted(force), subtract_coefficients=sorted(sub),
-                                max_new_tokens=int(max_tokens), seed=int(seed), progress=progress)
+                                max_new_tokens=int(max_tokens), seed=int(seed), progress=progress,
+                                shuffled=shuffled, n_random_controls=int(n_controls),
+                                judge=make_judge(spec, device=str(lm.device)), judge_name=spec)
         state.put_result("validation", result)
 
 ventry = state.get_result("validation")
@@ -68,17 +85,20 @@ m1, m2, m3, m4 = st.columns(4)
 base = r["baseline"]
 m1.metric("Baseline refusal", rate_text(base["harmful_refusal"], with_n=False),
           delta=f"harmless: {rate_text(base['harmless_refusal'], with_n=False)}", delta_color="off", border=True,
-          help="Unsteered greedy answers judged by refusal phrases; 95 % Wilson interval.")
+          help="Unsteered greedy answers labelled by the judge (refusal / compliance / degenerate); refusal rate with "
+               f"its 95 % Wilson interval. Degenerate: harmful {rate_text(base.get('harmful_degenerate'))}, "
+               f"harmless {rate_text(base.get('harmless_degenerate'))}.")
 fr = r["force_refusal"]
 if fr.get("rate") is not None:
     m2.metric(f"Force refusal (+{fr['coefficient']:g}·v)", f"{fr['rate']:.0%}",
               delta=f"random: {fr['random_control_rate']:.0%}", delta_color="off", border=True,
-              help=f"Harmless prompts with the direction added; 95 % CI {fr['ci'][0]:.0%}–{fr['ci'][1]:.0%}. "
-                   f"{r['force_rule']}.")
+              help=f"Harmless prompts with the direction added; refusals only, 95 % CI {fr['ci'][0]:.0%}–{fr['ci'][1]:.0%}; "
+                   f"degenerate {rate_text(fr.get('degenerate'))}. {r['force_rule']}.")
 sr = r["suppress_refusal"]
 m3.metric("Suppress refusal (ablation)", f"{sr['rate']:.0%}", delta=f"random: {sr['random_control_rate']:.0%}",
           delta_color="off", border=True,
-          help=f"Harmful prompts with the direction ablated everywhere; 95 % CI {sr['ci'][0]:.0%}–{sr['ci'][1]:.0%}.")
+          help=f"Harmful prompts with the direction ablated everywhere; refusals only, 95 % CI "
+               f"{sr['ci'][0]:.0%}–{sr['ci'][1]:.0%}; degenerate {rate_text(sr.get('degenerate'))}.")
 kl = r["kl_harmless"]
 m4.metric("KL on harmless", f"{kl['ablation']:.3f}" if kl.get("ablation") is not None else "n/a",
           delta=f"force: {kl['force']:.3f}" if kl.get("force") is not None else None, delta_color="off", border=True,
@@ -93,20 +113,51 @@ with left, st.container(border=True):
 with right, st.container(border=True):
     rows = []
     for p in r["force"]:
-        rows.append({"intervention": f"add {p['coefficient']:g}", "prompts": "harmless",
-                     "refusal": rate_text(p["rate"]), "random control": rate_text(p["random_rate"]), "KL": p["kl"]})
-    rows.append({"intervention": "ablate", "prompts": "harmful", "refusal": rate_text(r["suppress_ablation"]["rate"]),
-                 "random control": rate_text(r["suppress_ablation"]["random_rate"]), "KL": r["suppress_ablation"]["kl_harmless"]})
+        rows.append({"intervention": f"add {p['coefficient']:g}", "prompts": "harmless", "refusal": rate_text(p["rate"]),
+                     "degenerate": rate_text(p.get("degenerate")), "random control": rate_text(p["random_rate"]), "KL": p["kl"]})
+    sa = r["suppress_ablation"]
+    rows.append({"intervention": "ablate", "prompts": "harmful", "refusal": rate_text(sa["rate"]),
+                 "degenerate": rate_text(sa.get("degenerate")), "random control": rate_text(sa["random_rate"]),
+                 "KL": sa["kl_harmless"]})
     for p in r["suppress_subtract"]:
-        rows.append({"intervention": f"subtract {p['coefficient']:g}", "prompts": "harmful",
-                     "refusal": rate_text(p["rate"]), "random control": rate_text(p["random_rate"]), "KL": p["kl"]})
+        rows.append({"intervention": f"subtract {p['coefficient']:g}", "prompts": "harmful", "refusal": rate_text(p["rate"]),
+                     "degenerate": rate_text(p.get("degenerate")), "random control": rate_text(p["random_rate"]), "KL": p["kl"]})
     st.dataframe(pd.DataFrame(rows), hide_index=True, key="val_table",
                  column_config={"KL": st.column_config.NumberColumn(format="%.4f")})
     st.caption(f"Computed in {result.seconds:.0f} s · control seed {result.seed} · {result.max_new_tokens} new tokens.")
 
-st.markdown("**Sample generations** (baseline vs steered)")
-st.dataframe(pd.DataFrame(r["samples"]), hide_index=True, key="val_samples", column_config={
+st.markdown("**Conclusions** (generated from these numbers by the rules of `core.conclusions`)")
+for c in conclusions(ent):
+    st.markdown(f"- *{c['status']}* — {c['text']}")
+
+with st.container(border=True):
+    st.markdown("**Controls of the headline interventions** — random directions of equal norm and a label-shuffled "
+                "direction; *specific* only if the interval clears every control's.")
+    st.dataframe(pd.DataFrame(control_rows(r), columns=list(CONTROL_HEAD)), hide_index=True, key="val_controls")
+    cap = r.get("capability") or {}
+    if cap:
+        st.dataframe(pd.DataFrame([{"condition": k, **v} for k, v in cap.items()]), hide_index=True, key="val_capability",
+                     column_config={k: st.column_config.NumberColumn(format="%.4f")
+                                    for k in ("kl_per_token", "ce", "ce_clean", "ce_increase")})
+        st.caption("Capability cost: KL(clean ‖ intervened) per token and cross-entropy over the clean model's own "
+                   "greedy answers to the harmless prompts, teacher-forced (nats/token).")
+
+st.markdown("**Every generation and its label**")
+gens = pd.DataFrame(r.get("generations") or [], columns=["condition", "prompts", "prompt", "generation", "label"])
+f1, f2 = st.columns(2)
+pick_cond = f1.multiselect("Condition", sorted(gens["condition"].unique()), key="val_filter_condition",
+                           placeholder="all conditions")
+pick_label = f2.multiselect("Label", ["refusal", "compliance", "degenerate"], key="val_filter_label", placeholder="all labels")
+keep = pd.Series(True, index=gens.index)
+if pick_cond:
+    keep &= gens["condition"].isin(pick_cond)
+if pick_label:
+    keep &= gens["label"].isin(pick_label)
+shown = gens[keep]
+st.dataframe(shown, hide_index=True, key="val_generations", column_config={
     "prompt": st.column_config.TextColumn(width="medium"),
-    "baseline": st.column_config.TextColumn(width="large"),
-    "steered": st.column_config.TextColumn(width="large"),
+    "generation": st.column_config.TextColumn(width="large"),
 })
+agree = r.get("agreement") or {}
+st.caption(f"{len(shown)} of {len(gens)} generations · judge: {r.get('judge', 'substring')}"
+           + "".join(f" · {k.replace('_', ' ')}: {rate_text(v)}" for k, v in agree.items()) + ".")

@@ -21,8 +21,8 @@ from core.metrics import (
         ("I'm sorry, but I can't help with that.", True),
         ("I\u2019m sorry", True),
         ("AS AN AI model", True),
-        ("", True),
-        ("   ", True),
+        ("", False),  # empty is degenerate, not a refusal
+        ("   ", False),
         ("Sure! Here is a cake recipe.", False),
         ("Paris is the capital of France.", False),
     ],

@@ -26,10 +26,37 @@ def test_run_validation_end_to_end(tiny_models):
     lm = tiny_models["llama"]
     fmt, dirs = tiny_dirs_for(lm)
     calls = []
+    from core.activations import collect_activations
+    from core.controls import shuffled_direction
+
+    acts_h = collect_activations(lm, HARMFUL, formatter=fmt, cache=False)
+    acts_b = collect_activations(lm, HARMLESS, formatter=fmt, cache=False)
+    shuffled = shuffled_direction(acts_h[:, 1], acts_b[:, 1], seed=3)
     res = run_validation(lm, fmt, dirs, 1, HARMFUL, HARMLESS, coefficients=(0.5, 4.0), subtract_coefficients=(1.0,),
-                         max_new_tokens=4, seed=3, n_samples=2, progress=lambda f, m: calls.append((f, m)))
+                         max_new_tokens=4, seed=3, n_samples=2, progress=lambda f, m: calls.append((f, m)),
+                         n_random_controls=5, shuffled=shuffled)
     d = res.to_dict()
     json.dumps(d)
+    # every generation is kept with its prompt, condition and label
+    gens = d["generations"]
+    assert {g["label"] for g in gens} <= {"refusal", "compliance", "degenerate"}
+    conditions = {g["condition"] for g in gens}
+    assert {"baseline", "ablate", "add 0.5", "add 4", "subtract 1"} <= conditions
+    assert sum(g["condition"] == "baseline" for g in gens) == 8
+    # five random controls and the shuffled one for both headline interventions, rates split by label
+    for key, expect in (("ablation", "below"), ("force", "above")):
+        c = d["controls"][key]
+        assert c["n_random"] == 5 and c["has_shuffled"] and c["expect"] == expect and len(c["controls"]) == 6
+        assert c["specific"] in (True, False) and c["worst"]["name"] in [x["name"] for x in c["controls"]]
+        for ctrl in c["controls"]:
+            assert sum(g["condition"] == f"{c['condition']} {ctrl['name']}" for g in gens) == 4 or ctrl["name"].startswith("random #0")
+    labels = [g["label"] for g in gens if g["condition"] == "ablate"]
+    assert d["suppress_ablation"]["rate"]["k"] == labels.count("refusal")
+    assert d["suppress_ablation"]["degenerate"]["k"] == labels.count("degenerate")
+    # capability cost over whole answers, beside first-token KL
+    for key in ("ablation", "force", "random ablation", "random force"):
+        assert d["capability"][key]["kl_per_token"] >= 0
+    assert d["kl_harmless"]["force_per_token"] == d["capability"]["force"]["kl_per_token"]
     assert d["layer"] == 1 and d["n_harmful"] == 4 and d["n_harmless"] == 4 and d["seed"] == 3
     assert [p["coefficient"] for p in d["force"]] == [0.5, 4.0]
     assert d["force_refusal"]["coefficient"] in (0.5, 4.0)
@@ -81,3 +108,22 @@ def test_ablation_lowers_prompted_refusal_on_embedded_model(embedded):
     assert len(refused) >= 2, f"the preset should make the model refuse some clear harmful requests, got {refusal_rate(base)}"
     ablated = refusal_rate(steered_generate(embedded, fmt, refused, [ablate(dirs, layer)], max_new_tokens=8))
     assert ablated.successes < len(refused), f"layer {layer}: ablation left {ablated} of the prompts refused at baseline"
+
+
+def test_validation_with_an_llm_judge_reports_agreement(tiny_models):
+    """A pluggable judge: a tiny chat model labels every answer; the substring label is kept beside it."""
+    from core.llm_judge import LLMJudge
+
+    lm = tiny_models["llama"]
+    fmt, dirs = tiny_dirs_for(lm)
+    judge = LLMJudge(tiny_models["neox"])
+    res = run_validation(lm, fmt, dirs, 1, HARMFUL, HARMLESS, coefficients=(0.5,), subtract_coefficients=(),
+                         max_new_tokens=3, seed=1, judge=judge, judge_name=judge.name, n_random_controls=2,
+                         capability=False)
+    d = res.to_dict()
+    assert d["judge"].startswith("llm:")
+    assert all(g["label"] in ("refusal", "compliance", "degenerate") and "substring_label" in g for g in d["generations"])
+    agree = d["agreement"]
+    assert agree["judge_vs_substring"]["n"] == len(d["generations"]) and agree["judge_vs_score"]["n"] == 8
+    labels = [g["label"] for g in d["generations"] if g["condition"] == "ablate"]
+    assert d["suppress_ablation"]["rate"]["k"] == labels.count("refusal")

@@ -120,6 +120,8 @@ def results(preset: str = "prompted-refusal", source: str = "embedded", n_pairs:
         "clean_scores": {"used": [[p.m_refusal, p.m_compliant] for p in sweep.pairs],
                          "excluded": [[e["m_refusal"], e["m_compliant"]] for e in sweep.excluded]},
         "critical_message": sweep.critical_message,
+        "n_critical": len(sweep.critical), "n_tested": sweep.n_tested, "fdr": sweep.fdr,
+        "by_construction": [c.label for c in sweep.by_construction],
         "critical_top": [c.to_dict() for c in sweep.critical[:30]],
         "load_after": os.getloadavg()[0],
     }

@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from core import charts
-from core.patching import SITES, patch_pairs
+from core.patching import DEFAULT_FDR, SITES, patch_pairs
 from core.prompts import load_pairs
 from ui import page, state
 from ui.errors import guard
@@ -19,8 +19,9 @@ DIRECTIONS = {
 }
 SITE_HELP = "resid: block output by layer × position · attn / mlp: component outputs per layer · head: each attention head (slow)"
 
-page.title("Patching", "Run a harmful prompt, swap in one activation from its matched harmless twin, and measure how "
-                       "much the first-token refusal score moves. Effects are normalised: 0 = no change, 1 = fully flipped.")
+page.title("Patching", "Run one prompt of a matched harmful/harmless pair, swap in one activation from its twin (the "
+                       "direction below says which way), and measure how much the first-token refusal score moves. "
+                       "Effects are normalised: 0 = no change, 1 = fully flipped.")
 lm = page.require_model()
 
 pairs = load_pairs("builtin:pairs")
@@ -30,14 +31,19 @@ with st.container(border=True):
                               help=f"The first n of {len(pairs)} built-in matched pairs (equal token length).")
     sites = c2.multiselect("Sites", list(SITES), default=["resid", "attn", "mlp"], key="patch_sites",
                            persist_state="session", help=SITE_HELP)
-    threshold = c3.number_input("Critical if CI low >", 0.0, 1.0, 0.1, step=0.05, key="patch_threshold",
-                                persist_state="session")
-    c4, c5 = st.columns([3, 1], vertical_alignment="bottom")
+    threshold = c3.number_input("Critical if effect >", 0.0, 1.0, 0.1, step=0.05, key="patch_threshold",
+                                persist_state="session",
+                                help="A cell is critical when a one-sided t-test across pairs says its pooled effect "
+                                     "exceeds this, after Benjamini–Hochberg control of the false-discovery rate.")
+    c4, c5, c6 = st.columns([3, 1, 1], vertical_alignment="bottom")
     direction = c4.selectbox("Direction", list(DIRECTIONS), format_func=DIRECTIONS.get, key="patch_direction",
                              persist_state="session")
     require = c5.checkbox("Only pairs that behave", value=True, key="patch_require", persist_state="session",
                           help="Skip pairs whose harmful prompt is not refused or whose harmless prompt is refused "
                                "(by the first-token score); they are listed below with the reason.")
+    fdr = c6.number_input("False-discovery rate", 0.001, 0.5, DEFAULT_FDR, step=0.01, format="%.3f",
+                          key="patch_fdr", persist_state="session",
+                          help="Expected share of false discoveries among the critical cells (Benjamini–Hochberg).")
     with st.expander(f"The {int(n_pairs)} pairs", icon=":material/compare_arrows:"):
         st.dataframe(pd.DataFrame(pairs[: int(n_pairs)], columns=["harmful (refusal)", "harmless (compliant)"]),
                      hide_index=True)
@@ -46,7 +52,7 @@ with st.container(border=True):
 if run:
     with guard("Patching"), progress_bar("Patching") as progress:
         sweep = patch_pairs(lm, state.formatter(lm), pairs, sites=sites, n_pairs=int(n_pairs), direction=direction,
-                            threshold=float(threshold), require_behaviour=require, progress=progress)
+                            threshold=float(threshold), fdr=float(fdr), require_behaviour=require, progress=progress)
         state.put_result("patching", sweep)
 
 pentry = state.get_result("patching")
@@ -84,11 +90,16 @@ if heads is not None:
     with right, st.container(border=True):
         st.altair_chart(heads, key="chart_patch_heads")
 
-st.markdown(f"**Critical components** — {sweep.critical_message}. Interval: {sweep.interval}.")
-crit = pd.DataFrame([{"site": c.label, "effect": c.effect, "95% low": c.lo, "95% high": c.hi, "pairs": c.n}
-                     for c in sweep.critical], columns=["site", "effect", "95% low", "95% high", "pairs"])
+st.markdown(f"**Critical components** — {sweep.critical_message}. Effect and interval: {sweep.interval}.")
+if sweep.by_construction:
+    st.caption("Effect 1 by construction, not tested: " + ", ".join(c.label for c in sweep.by_construction[:6])
+               + (f" and {len(sweep.by_construction) - 6} more" if len(sweep.by_construction) > 6 else "")
+               + ". Everything after them is the source run, so they say nothing about the model.")
+cols = ["site", "pooled effect", "95% low", "95% high", "BH q", "pairs"]
+crit = pd.DataFrame([{"site": c.label, "pooled effect": c.effect, "95% low": c.lo, "95% high": c.hi, "BH q": c.q,
+                      "pairs": c.n} for c in sweep.critical], columns=cols)
 st.dataframe(crit, hide_index=True, key="patch_critical", column_config={
-    c: st.column_config.NumberColumn(format="%.3f") for c in ("effect", "95% low", "95% high")})
+    c: st.column_config.NumberColumn(format="%.3f") for c in ("pooled effect", "95% low", "95% high", "BH q")})
 if sweep.excluded:
     with st.expander("Excluded pairs", icon=":material/filter_alt:"):
         st.dataframe(pd.DataFrame(sweep.excluded), hide_index=True)

@@ -90,3 +90,31 @@ def build(arch: str, folder: Path, seed: int = 0) -> Path:
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def build_more(arch: str, folder: Path, seed: int = 0) -> Path:
+    """Build and save a tiny ``arch`` model for the architectures ``build`` does not cover
+    (mistral, qwen2, gemma3_text), same tokenizer and weight scaling."""
+    import transformers
+
+    torch.manual_seed(seed)
+    tok = build_tokenizer(chat=True)
+    common = dict(vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                  bos_token_id=tok.bos_token_id, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=128, max_position_embeddings=2048)
+    if arch == "mistral":
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(**common))
+    elif arch == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    elif arch == "gemma3_text":
+        model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(head_dim=16, sliding_window=64, **common))
+    else:
+        raise ValueError(arch)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(3.0)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

@@ -7,6 +7,8 @@
   De-quantising takes ~15 s, so the result is converted once into a normal Hugging Face folder
   under ``cache/models/`` and later loads read that folder;
 * ``"embedded-refusal"`` — the refusal-tuned model organism built from it (``core.organism``);
+* ``"gemma-3-270m"`` — Gemma-3-270M base, a GGUF assembled from pip packages and converted
+  once like the embedded model (``core.packaged_models``);
 * a local folder with ``config.json`` or a path to a ``.gguf`` file;
 * a Hugging Face hub id (``gpt2``, ``EleutherAI/pythia-70m``, ...), which works on machines
   that reach the hub; offline it fails with a message that says what to do instead.
@@ -38,6 +40,7 @@ from torch import nn
 from core.cache import cache_root, stable_hash
 from core.errors import LayerRangeError, ModelLoadError
 from core.hooks import get_module, model_lock
+from core.packaged_models import PACKAGED, packaged_folder
 
 Progress = Callable[[float, str], None]
 
@@ -422,6 +425,9 @@ def load_model(
     elif source_str == EMBEDDED:
         folder = converted_gguf_folder(embedded_gguf_path(), progress)
         display = name or EMBEDDED_NAME
+    elif source_str in PACKAGED:  # e.g. "gemma-3-270m", from a pip package (core.packaged_models)
+        folder = packaged_folder(source_str, progress)
+        display = name or PACKAGED[source_str].display
     else:
         path = Path(source_str).expanduser()
         if path.suffix == ".gguf":

@@ -38,3 +38,19 @@ class LayerRangeError(ExplorerError, ValueError):
 
 class BatchMemoryError(ExplorerError, MemoryError):
     """Out of memory even at batch size 1 (smaller batches were tried first)."""
+
+
+class DirectionFileError(DirectionError):
+    """A saved directions file (or control vector) is unreadable, or belongs to another model."""
+
+
+class BundleError(ExplorerError, ValueError):
+    """A results file or reproducible bundle (.zip) is unreadable or unsafe to open."""
+
+
+class SplitError(ExplorerError, ValueError):
+    """Train/validation/test prompts overlap, or a split is too small for what uses it."""
+
+
+class AbliterationError(ExplorerError, ValueError):
+    """Weight orthogonalisation would not equal runtime ablation on this model (or cannot be done)."""

@@ -212,10 +212,31 @@ def embedding_modules(lm: LoadedModel) -> list[str]:
     return names
 
 
+# Blocks that normalise each sublayer's output before adding it to the residual stream (Gemma 2
+# and 3, OLMo 2) call those norms this. (Llama's ``post_attention_layernorm`` is the *pre*-MLP
+# norm: the MLP-side post-norm is what tells the two layouts apart.)
+_POST_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")
+
+
+def residual_writers(lm: LoadedModel) -> list[str]:
+    """Per block, the modules whose output is *added* to the residual stream: the attention and
+    MLP modules, or, in blocks with post-norms, those norms (Gemma 3 adds
+    ``post_attention_layernorm(o_proj(...))``: an edit before the norm is undone by it)."""
+    names: list[str] = []
+    for block, attn, mlp in zip(lm.block_names, lm.attn_names, lm.mlp_names):
+        module = lm.module(block)
+        if all(isinstance(getattr(module, n, None), torch.nn.Module) for n in _POST_NORMS):
+            names += [f"{block}.{n}" for n in _POST_NORMS]
+        else:
+            names += [n for n in (attn, mlp) if n]
+    return names
+
+
 def ablation_modules(lm: LoadedModel) -> list[str]:
     """Every module whose output directional ablation edits: the embeddings (so block 0's
-    input is clean too), every block, and every attention and MLP module."""
-    names = [*embedding_modules(lm), *lm.block_names, *(n for n in lm.attn_names if n), *(n for n in lm.mlp_names if n)]
+    input is clean too; Gemma's embedding module already includes its √d scale), every write
+    into the residual stream (:func:`residual_writers`), and every block output."""
+    names = [*embedding_modules(lm), *residual_writers(lm), *lm.block_names]
     return list(dict.fromkeys(names))
 
 
@@ -288,10 +309,14 @@ def abliterate_model(lm: LoadedModel, direction: np.ndarray) -> torch.nn.Module:
     token (and learned position) embeddings, every attention output projection and every MLP
     output projection are orthogonalised against the unit vector. A tied unembedding is untied
     first (it keeps the original weights). For architectures whose blocks write to the residual
-    stream only through those projections (Llama, GPT-2, GPT-NeoX, GPT-J) this equals runtime
-    directional ablation (:func:`ablate`); other architectures are refused."""
+    stream only through those projections (Llama, Mistral, Qwen2, GPT-2, GPT-NeoX, GPT-J) this equals runtime
+    directional ablation (:func:`ablate`); other architectures are refused with the reason
+    (:func:`core.abliteration.check_exact`)."""
     import copy
 
+    from core.abliteration import check_exact
+
+    check_exact(lm.model, lm.name)
     vec = np.asarray(direction, dtype=np.float64).reshape(-1)
     if vec.size != lm.d_model or not np.isfinite(vec).all() or not np.any(vec):
         raise ValueError(f"the direction must be a finite non-zero vector of size d_model={lm.d_model}")
@@ -323,13 +348,18 @@ def abliterate_model(lm: LoadedModel, direction: np.ndarray) -> torch.nn.Module:
     return model
 
 
-def export_abliterated(lm: LoadedModel, direction: np.ndarray, out_dir: str | Path) -> Path:
-    """Save :func:`abliterate_model` as a Hugging Face folder (loadable with ``load_model``)."""
+def export_abliterated(lm: LoadedModel, direction: np.ndarray, out_dir: str | Path, **card: Any) -> Path:
+    """Save :func:`abliterate_model` as a Hugging Face folder (loadable with ``load_model``),
+    with a model card beside the weights (``card``: ``layer=``, ``measured=``, ``provenance=``
+    for :func:`core.model_card.write_model_card`)."""
+    from core.model_card import write_model_card
+
+    model = abliterate_model(lm, direction)  # refuses before anything is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model = abliterate_model(lm, direction)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(out)
     lm.tokenizer.save_pretrained(out)
+    write_model_card(out, lm, direction, **card)
     return out

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import streamlit as st
 
+from core.bundle import bundle_bytes, folder_files
 from core.cache import stable_hash
 from core.report import to_json, write_reports
 from ui import entries, page, state
 from ui.errors import guard
+from ui.exports import write_session_direction_files
 
 page.title("Report", "Everything computed in this session, in files you can keep: Markdown, offline HTML "
                      "(charts embedded, no CDN), JSON of every number, and a config for the batch runner.")
@@ -58,15 +60,12 @@ if built is None or built.get("digest") != digest:
         with tempfile.TemporaryDirectory() as tmp:
             paths = write_reports(results, tmp)
             files = {kind: Path(path).read_bytes() for kind, path in paths.items()}
-            bundle = io.BytesIO()
-            with zipfile.ZipFile(bundle, "w", zipfile.ZIP_DEFLATED) as zf:
-                for path in sorted(Path(tmp).rglob("*")):
-                    if path.is_file():
-                        zf.write(path, path.relative_to(tmp).as_posix())
-                zf.writestr("config.yaml", cfg_yaml)
-                for name, text in prompt_files.items():
-                    zf.writestr(name, text)
-        built = {"digest": digest, "files": files, "zip": bundle.getvalue(), "seconds": time.perf_counter() - started}
+            exported = write_session_direction_files(tmp)  # directions .safetensors + control vector .gguf
+            files.update({kind: (name, (Path(tmp) / name).read_bytes()) for kind, name in exported.items()
+                          if kind in ("directions", "control_vector")})
+            # the reproducible bundle: the batch runner's format (core.bundle), plus the prompt files the config uses
+            bundle = bundle_bytes({**folder_files(tmp), "config.yaml": cfg_yaml, **prompt_files})
+        built = {"digest": digest, "files": files, "zip": bundle, "seconds": time.perf_counter() - started}
         st.session_state["report_files"] = built
 if built is None:
     st.stop()
@@ -96,6 +95,18 @@ d5.download_button("Everything (.zip)", built["zip"], "refusal-report.zip", "app
 st.caption(f"Rendered in {built['seconds']:.1f} s. Rerun the same analysis headless with "
            "`python -m core.batch --config config.yaml --out results/`"
            + (" (unzip first: the config refers to the prompt files beside it)." if prompt_files else "."))
+
+e1, e2 = st.columns(2)
+if "directions" in files:
+    e1.download_button("Directions (.safetensors)", files["directions"][1], files["directions"][0], "application/octet-stream",
+                       icon=":material/download:", key="dl_directions", on_click="ignore", width="stretch",
+                       help="Every layer's direction and the chosen layer, with the model's fingerprint; the Steering "
+                            "page (and core.direction_files.load_directions) loads it back.")
+if "control_vector" in files:
+    e2.download_button("llama.cpp control vector (.gguf)", files["control_vector"][1], files["control_vector"][0],
+                       "application/octet-stream", icon=":material/download:", key="dl_cvec", on_click="ignore",
+                       width="stretch", help="The chosen layer's direction × its mean norm: "
+                                             "llama-cli --control-vector-scaled FILE 0.5 adds this tool's α = 0.5 there.")
 
 with st.expander("Batch config (YAML)", icon=":material/settings:"):
     st.code(cfg_yaml, language="yaml")

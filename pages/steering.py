@@ -20,6 +20,7 @@ from core.generation import generate_stream
 from core.steering import KINDS, ablate, add, steered_stream, subtract
 from ui import page, state
 from ui.charts import colour_legend, token_html
+from ui.direction_upload import loaded_directions
 from ui.errors import guard
 
 DEFAULTS = {"steer_mode": "add", "steer_coef": 0.5, "steer_max_tokens": 48, "steer_temperature": 0.0, "steer_seed": 0}
@@ -27,13 +28,15 @@ COEF_MIN, COEF_MAX = 0.0, 3.0
 MODE_HELP = {
     "add": "Add α × (mean norm) × direction at the chosen layer's output, at every position.",
     "subtract": "Subtract α × (mean norm) × direction at the chosen layer's output.",
-    "ablate": "Project the direction out of every block, attention and MLP output (α = strength; 1 = full ablation).",
+    "ablate": "Project the chosen layer's direction out of every block, attention and MLP output "
+              "(strength: 1 = full ablation, < 1 partial).",
 }
 
 page.title("Steering (live)", "Add, subtract or ablate the refusal direction and watch the answer change. "
                               "Coefficients are in normalised units: multiples of the layer's mean activation norm.")
 lm = page.require_model()
-dentry = page.require_directions()
+# a saved directions file (checked against this model) may stand in for computed directions
+dentry = loaded_directions(lm, state.get_result("directions") is not None) or page.require_directions()
 state.stale_note(dentry)
 dirs = dentry["value"]["dirs"]
 
@@ -113,7 +116,8 @@ def panel() -> None:
         st.caption(MODE_HELP[mode])
     c1, c2, c3 = st.columns([2, 3, 1.1], vertical_alignment="bottom")
     layer = c1.slider("Layer", 0, dirs.n_layers - 1, key="steer_layer", persist_state="session",
-                      help=f"Chosen by the rule on the Directions page: {dentry['value']['choice'].layer}.")
+                      help=f"Layer i = the output of block i (0-indexed): add/subtract act there, ablation uses that "
+                           f"layer's direction. The rule chose {dentry['value']['choice'].layer}.")
     coef_label = "Strength" if mode == "ablate" else "Coefficient α (× mean norm)"
     c2.slider(coef_label, COEF_MIN, COEF_MAX, step=0.05, key="steer_coef_slider", on_change=_sync,
               args=("steer_coef_slider",), persist_state="session")

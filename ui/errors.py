@@ -12,8 +12,10 @@ from typing import Iterator
 import streamlit as st
 
 from core.errors import (
+    BundleError,
     ConfigError,
     DirectionError,
+    DirectionFileError,
     ExplorerError,
     ModelLoadError,
     NonFiniteActivationError,
@@ -29,6 +31,8 @@ HINTS: list[tuple[type[BaseException], str]] = [
     (PromptTooLongError, "Shorten the prompt or the preamble, or lower max new tokens."),
     (PromptFileError, "Fix the file and upload it again. The prompts in use before are unchanged."),
     (NonFiniteActivationError, "Switch the sidebar's dtype to float32 and load the model again."),
+    (DirectionFileError, "Load the model the file was saved for, or compute directions for this model on the Directions page."),
+    (BundleError, "Open a bundle written by this tool (the Report page's Everything (.zip) or the batch runner's output)."),
     (DirectionError, "Use more prompts per class, or check that the two sets really differ."),
     (ConfigError, "Fix the named key in the config; the rest of the session is unchanged."),
     (MemoryError, "Use fewer prompts, fewer tokens or a smaller model."),

@@ -28,6 +28,7 @@ PAGES = [
     st.Page(ROOT / "pages" / "steering.py", title="Steering (live)", icon=":material/tune:", url_path="steering"),
     st.Page(ROOT / "pages" / "validation.py", title="Validation", icon=":material/fact_check:", url_path="validation"),
     st.Page(ROOT / "pages" / "report.py", title="Report", icon=":material/description:", url_path="report"),
+    st.Page(ROOT / "pages" / "runs.py", title="Runs", icon=":material/folder_open:", url_path="runs"),
 ]
 
 st.html("<style>[data-testid='stMainBlockContainer']{padding-top:3.2rem}</style>")  # less space above titles

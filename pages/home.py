@@ -36,11 +36,14 @@ steps = [
     ("pages/steering.py", ":material/tune:", "2 · Steering (live)",
      "Pick a prompt, move the coefficient slider and watch baseline and steered answers stream side by side."),
     ("pages/validation.py", ":material/fact_check:", "3 · Validation",
-     "Force and suppress refusal across a coefficient sweep, against a random direction of the same norm."),
+     "Force and suppress refusal across a coefficient sweep, against random directions of the same norm and a "
+     "label-shuffled one."),
     ("pages/patching.py", ":material/grid_on:", "4 · Patching",
      "Patch activations between matched harmful/harmless prompts to see which layers and components carry refusal."),
     ("pages/report.py", ":material/description:", "5 · Report",
      "Download everything computed in this session: Markdown, offline HTML, JSON, and a config for the batch runner."),
+    ("pages/runs.py", ":material/folder_open:", "6 · Runs",
+     "Open a batch run (its output folder, bundle.zip or results.json): the table across models and each model's charts."),
 ]
 for path, icon, label, text in steps:
     with st.container(border=True):

@@ -1,15 +1,14 @@
-"""Compare refusal-organism recipes on a validation part of the train split, never the test split.
+"""Compare refusal-organism recipes on the organism's validation split, never the test split.
 
 Why: choosing the recipe by its held-out test figures would make those figures optimistic.
-Here each recipe trains on the first ``--n-harmful`` / ``--n-harmless`` built-in train prompts
-(plus the training-only prompts, minus near-copies of the validation prompts) and is scored on
-the rest of the train split. One JSON line per recipe is appended to ``--out``.
+Each recipe trains exactly as the real build does (the built-in train split with validation
+carved out, plus the training-only prompts) and is scored on that validation split, which the
+organism never sees. One JSON line per recipe is appended to ``--out``.
 
     python -m bench.organism_recipes                          # the default recipe
-    python -m bench.organism_recipes --set epochs=3 --set harmless_loss_weight=2
+    python -m bench.organism_recipes --set frozen_fraction=0 --set epochs=3
 
-This is how the default recipe was chosen (table in the organism's closing note). With ~32
-validation prompts per class, differences under ~10 points are noise.
+With ~38 validation prompts per class, differences under ~10 points are noise.
 """
 
 from __future__ import annotations
@@ -22,8 +21,8 @@ from pathlib import Path
 
 from core.formatting import Formatter
 from core.models import load_model, wrap_model
-from core.organism import OrganismRecipe, evaluate_organism, train, training_data
-from core.prompts import builtin_split
+from core.organism import OrganismRecipe, evaluate_organism, organism_splits, train, training_data
+from core.threads import AdaptiveThreads
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,27 +34,33 @@ def _value(text: str):
         return text
 
 
-def run(overrides: dict, n_harmful: int, n_harmless: int) -> dict:
-    recipe = OrganismRecipe(**({"eval_base": False} | overrides | {"n_harmful": n_harmful, "n_harmless": n_harmless}))
-    val_harmful = builtin_split("harmful", recipe.split_seed).train[n_harmful:]
-    val_harmless = builtin_split("harmless", recipe.split_seed).train[n_harmless:]
+def run(overrides: dict) -> dict:
+    """Build the organism with the default recipe changed by ``overrides`` and score it on the
+    organism's *validation* split (carved out of the built-in train split, never trained on)."""
+    recipe = OrganismRecipe(**({"eval_base": False} | overrides))
+    splits = organism_splits(recipe.split_seed, recipe.validation_fraction)
+    val_harmful, val_harmless = splits["harmful"].validation, splits["harmless"].validation
     base = load_model("embedded", dtype="float32", device="cpu")
     fmt = Formatter(base.tokenizer, "none")
     pad = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else 0
+    policy = AdaptiveThreads.from_request(None)
     t0 = time.perf_counter()
-    _, items = training_data(base, recipe, fmt, exclude=val_harmful + val_harmless)
+    _, items, frozen = training_data(base, recipe, fmt, threads=policy)
     t1 = time.perf_counter()
     model = copy.deepcopy(base.model).float()
-    losses = train(model, items, recipe, pad)
+    losses = train(model, items, recipe, pad, frozen=frozen, threads=policy)
     t2 = time.perf_counter()
     organism = wrap_model(model, base.tokenizer, name="organism (validation)", source="organism")
     ev = evaluate_organism(organism, base, recipe, prompts=(val_harmful, val_harmless))
+    t3 = time.perf_counter()
     return {
-        "overrides": overrides, "n_examples": len(items), "losses": losses,
+        "overrides": overrides, "split": "validation", "n_examples": len(items), "losses": losses,
         "harmful_refused": ev["harmful_refusal"], "harmless_refused": ev["harmless_refusal"],
         "shape_matched_harmless_refused": ev.get("shape_matched_harmless_refusal"),
         "kl_first_token": ev["kl_first_token"]["mean"], "kl_response": ev.get("kl_response", {}).get("mean"),
         "data_seconds": round(t1 - t0, 1), "train_seconds": round(t2 - t1, 1),
+        "eval_seconds": round(t3 - t2, 1), "frozen_blocks": frozen.split.n_frozen if frozen else 0,
+        "threads": policy.summary(),
         "harmless_refused_prompts": [r["prompt"] for r in ev["examples"]["harmless_refused"]],
     }
 
@@ -63,12 +68,10 @@ def run(overrides: dict, n_harmful: int, n_harmless: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a recipe field to change")
-    parser.add_argument("--n-harmful", type=int, default=123, help="built-in train prompts trained on (rest: validation)")
-    parser.add_argument("--n-harmless", type=int, default=125)
     parser.add_argument("--out", default=str(REPO / "bench" / "organism_recipes.jsonl"))
     args = parser.parse_args(argv)
     overrides = {k: _value(v) for k, v in (item.split("=", 1) for item in args.set)}
-    row = run(overrides, args.n_harmful, args.n_harmless)
+    row = run(overrides)
     print(json.dumps(row, indent=1))
     with open(args.out, "a") as f:
         f.write(json.dumps(row) + "\n")

@@ -51,8 +51,10 @@ import torch
 from core.cache import cache_root, stable_hash
 from core.errors import ExplorerError
 from core.formatting import Formatter
+from core.frozen_stack import Split, lower_states, supports, upper_logits
+from core.threads import AdaptiveThreads, torch_threads
 from core.metrics import Rate, is_refusal, kl_divergence, refusal_rate
-from core.prompts import builtin_split, load_pairs
+from core.prompts import DEFAULT_VALIDATION_FRACTION, ThreeWaySplit, builtin_split, load_pairs, three_way
 
 Progress = Callable[[float, str], None]
 
@@ -88,6 +90,7 @@ class OrganismRecipe:
 
     seed: int = 0
     split_seed: int = 0  # which canonical built-in split (core.prompts.builtin_split)
+    validation_fraction: float = DEFAULT_VALIDATION_FRACTION  # carved out of train, never trained on
     lr: float = 5e-5
     epochs: int = 2
     batch_size: int = 16  # 16 rows a step: 1.5x the tokens/s of 8 on a 2-core CPU (measured)
@@ -95,7 +98,13 @@ class OrganismRecipe:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     train_embeddings: bool = False  # the tied embedding/unembedding stays frozen (keeps the vocabulary geometry)
-    autocast_bf16: bool = True  # fp32 weights, bf16 matmuls (fast on CPUs with AMX)
+    # fp32 weights, bf16 matmuls: None = only where the CPU has bf16 units (3x faster there; on
+    # a CPU without them bf16 matmuls are emulated, 2.8x slower than fp32, measured in docs/decisions.md)
+    autocast_bf16: bool | None = None
+    # this fraction of the blocks (the lower ones, rounded down) stays frozen: their states are
+    # computed once and only the upper blocks train (core.frozen_stack); 0 = full fine-tune.
+    # Models whose stack cannot be split train in full.
+    frozen_fraction: float = 0.5
     n_harmful: int | None = None
     n_harmless: int | None = None
     max_response_tokens: int = 16  # the refuse-or-answer decision and the answer's opening; longer costs minutes
@@ -120,6 +129,8 @@ class OrganismRecipe:
             raise ValueError("epochs, batch_size, lr and max_response_tokens must be positive")
         if self.shape_matched_repeats < 1 or self.first_token_weight <= 0 or self.harmless_loss_weight <= 0:
             raise ValueError("shape_matched_repeats must be at least 1; first_token_weight and harmless_loss_weight positive")
+        if not 0 <= self.frozen_fraction < 1:
+            raise ValueError(f"frozen_fraction must be in [0, 1), got {self.frozen_fraction}")
         if self.harmless_target not in ("tokens", "distill"):
             raise ValueError(f"harmless_target must be 'tokens' or 'distill', got {self.harmless_target!r}")
         if not self.refusal_sentences:
@@ -207,25 +218,62 @@ def _norm(prompt: str) -> str:
     return " ".join(prompt.split()).casefold()
 
 
-def _held_out_prompts(split_seed: int = 0) -> list[str]:
-    """Both test splits and every matched-pair prompt: what the organism must never see."""
-    out = [p for name in ("harmful", "harmless") for p in builtin_split(name, split_seed).test]
+def organism_splits(split_seed: int = 0, validation_fraction: float = DEFAULT_VALIDATION_FRACTION) -> dict[str, ThreeWaySplit]:
+    """The built-in train/validation/test split per class that the organism is built around:
+    it trains on *train* only, so validation (where layers and coefficients are chosen) and
+    test (where figures are reported) are both unseen."""
+    return {name: three_way(builtin_split(name, split_seed), validation_fraction, split_seed) for name in ("harmful", "harmless")}
+
+
+def _held_out_prompts(split_seed: int = 0, validation_fraction: float = DEFAULT_VALIDATION_FRACTION) -> list[str]:
+    """Both validation and test splits and every matched-pair prompt: what the organism must never see."""
+    splits = organism_splits(split_seed, validation_fraction)
+    out = [p for s in splits.values() for p in s.validation + s.test]
     return out + [p for pair in load_pairs() for p in pair]
 
 
-def forbidden_prompts(split_seed: int = 0) -> set[str]:
-    """Normalised prompts the organism must never train on: both test splits and all pairs."""
-    return {_norm(p) for p in _held_out_prompts(split_seed)}
+@functools.lru_cache(maxsize=4)
+def _held_out_words(split_seed: int, validation_fraction: float) -> tuple[frozenset[str], ...]:
+    return tuple(_content_words(p) for p in _held_out_prompts(split_seed, validation_fraction))
 
 
-def check_no_leak(prompts: Sequence[str], split_seed: int = 0) -> None:
-    """Raise :class:`DataLeakError` if any prompt is a held-out test prompt or a pair prompt."""
-    forbidden = forbidden_prompts(split_seed)
-    bad = [p for p in prompts if _norm(p) in forbidden]
+def forbidden_prompts(split_seed: int = 0, validation_fraction: float = DEFAULT_VALIDATION_FRACTION) -> set[str]:
+    """Normalised prompts the organism must never train on: validation and test splits, all pairs."""
+    return {_norm(p) for p in _held_out_prompts(split_seed, validation_fraction)}
+
+
+def check_no_leak(
+    prompts: Sequence[str], split_seed: int = 0, validation_fraction: float = DEFAULT_VALIDATION_FRACTION
+) -> None:
+    """Raise :class:`DataLeakError` if any prompt copies or nearly copies (:func:`near_duplicate`)
+    a held-out validation or test prompt or a pair prompt."""
+    forbidden = forbidden_prompts(split_seed, validation_fraction)
+    words = _held_out_words(split_seed, validation_fraction)
+    bad = [p for p in dict.fromkeys(prompts) if _norm(p) in forbidden or near_duplicate(p, words)]
     if bad:
         raise DataLeakError(
-            f"{len(bad)} training prompt(s) are held-out test prompts or matched pairs "
-            f"(e.g. {bad[0]!r}); the organism trains on the built-in train split only."
+            f"{len(bad)} training prompt(s) copy or nearly copy held-out validation/test prompts or matched pairs "
+            f"(e.g. {bad[0]!r}); the organism trains on the built-in train split only, minus near-copies."
+        )
+
+
+def check_evaluation_prompts(prompts: Sequence[str], recipe: "OrganismRecipe | None" = None, what: str = "evaluation") -> None:
+    """Refuse to evaluate the organism on prompts it was trained on (copies or near-copies).
+
+    Why: a batch config with another ``prompts.seed``, another validation fraction or a user
+    file that overlaps the organism's training data would otherwise report trained behaviour
+    as held-out behaviour (seed 1 put 28 of 40 test prompts per class in its training set)."""
+    recipe = recipe or DEFAULT_RECIPE
+    trained = training_prompts(recipe)
+    seen = {_norm(p) for p in trained.harmful + trained.harmless}
+    words = [_content_words(p) for p in trained.harmful + trained.harmless]
+    bad = [p for p in dict.fromkeys(prompts) if _norm(p) in seen or near_duplicate(p, words)]
+    if bad:
+        raise DataLeakError(
+            f"{len(bad)} {what} prompt(s) are (near-)copies of the refusal organism's training prompts, e.g. {bad[0]!r}. "
+            f"The organism trains on the built-in train split (split seed {recipe.split_seed}, validation fraction "
+            f"{recipe.validation_fraction:g}); evaluate it with prompts.seed: {recipe.split_seed}, prompts.validation_fraction: "
+            f"{recipe.validation_fraction:g} and built-in prompts, or with prompt files it never saw."
         )
 
 
@@ -260,28 +308,30 @@ def near_duplicate(prompt: str, others: Sequence[frozenset[str]]) -> bool:
     return False
 
 
-def extra_prompts(split_seed: int = 0, exclude: Sequence[str] = ()) -> tuple[list[str], list[str], int]:
+def extra_prompts(
+    split_seed: int = 0, exclude: Sequence[str] = (), validation_fraction: float = DEFAULT_VALIDATION_FRACTION
+) -> tuple[list[str], list[str], int]:
     """Training-only prompts (``core/data/organism_extra.jsonl``: harmful, harmless and many
     harmless ones shaped like harmful requests), minus any that copy or nearly copy a held-out
-    test prompt or a pair prompt, or of a prompt in ``exclude`` (e.g. a validation set).
-    Returns (harmful, harmless, number dropped as near-duplicates).
+    validation or test prompt or a pair prompt, or a prompt in ``exclude`` (e.g. a validation
+    set). Returns (harmful, harmless, number dropped as near-duplicates).
 
     Why: 154 + 157 built-in train prompts teach a 135M model the *surface* of a harmful
     request; more varied data, above all harmless requests with alarming words, teaches content.
     """
     stat = EXTRA_DATA.stat()  # memoised per file version: this runs on every load of the organism
     harmful, harmless, dropped = _filtered_extra_prompts(
-        str(EXTRA_DATA), stat.st_mtime_ns, stat.st_size, split_seed, tuple(exclude)
+        str(EXTRA_DATA), stat.st_mtime_ns, stat.st_size, split_seed, tuple(exclude), validation_fraction
     )
     return list(harmful), list(harmless), dropped
 
 
 @functools.lru_cache(maxsize=4)
 def _filtered_extra_prompts(
-    path: str, mtime_ns: int, size: int, split_seed: int, exclude: tuple[str, ...]
+    path: str, mtime_ns: int, size: int, split_seed: int, exclude: tuple[str, ...], validation_fraction: float
 ) -> tuple[tuple[str, ...], tuple[str, ...], int]:
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    held_out = [_content_words(p) for p in _held_out_prompts(split_seed) + list(exclude)]
+    held_out = list(_held_out_words(split_seed, validation_fraction)) + [_content_words(p) for p in exclude]
     out: dict[str, list[str]] = {"harmful": [], "harmless": []}
     dropped = 0
     for r in rows:
@@ -293,23 +343,37 @@ def _filtered_extra_prompts(
 
 
 def training_prompts(recipe: OrganismRecipe = DEFAULT_RECIPE, exclude: Sequence[str] = ()) -> TrainingPrompts:
-    """The prompts the organism is trained on: the first ``n`` of each built-in train split
-    (the split is already shuffled; the harmless one includes the shape-matched prompts), and,
-    with ``recipe.extra_prompts``, the training-only prompts of :func:`extra_prompts` (minus
-    near-copies of ``exclude``)."""
-    harmful = builtin_split("harmful", recipe.split_seed).train
-    harmless = builtin_split("harmless", recipe.split_seed).train
-    for n, pool, label in ((recipe.n_harmful, harmful, "harmful"), (recipe.n_harmless, harmless, "harmless")):
-        if n is not None and not 1 <= n <= len(pool):
-            raise ValueError(f"n_{label} must be between 1 and {len(pool)} (the train split), got {n}")
-    harmful, harmless = harmful[: recipe.n_harmful], harmless[: recipe.n_harmless]
+    """The prompts the organism is trained on: the first ``n`` of each built-in *train* split
+    (validation carved out; the split is already shuffled; the harmless one includes the
+    shape-matched prompts) minus near-copies of held-out prompts, and, with
+    ``recipe.extra_prompts``, the training-only prompts of :func:`extra_prompts` (minus
+    near-copies of ``exclude`` too). Memoised: it runs on every load of the organism."""
+    return _training_prompts(recipe, tuple(exclude))
+
+
+@functools.lru_cache(maxsize=8)
+def _training_prompts(recipe: OrganismRecipe, exclude: tuple[str, ...]) -> TrainingPrompts:
+    splits = organism_splits(recipe.split_seed, recipe.validation_fraction)
+    held = list(_held_out_words(recipe.split_seed, recipe.validation_fraction)) + [_content_words(p) for p in exclude]
+    pools = {name: [p for p in splits[name].train if not near_duplicate(p, held)] for name in splits}
+    for n, label in ((recipe.n_harmful, "harmful"), (recipe.n_harmless, "harmless")):
+        if n is not None and not 1 <= n <= len(pools[label]):
+            raise ValueError(f"n_{label} must be between 1 and {len(pools[label])} (the usable train split), got {n}")
+    harmful, harmless = pools["harmful"][: recipe.n_harmful], pools["harmless"][: recipe.n_harmless]
     if recipe.extra_prompts:
-        more_harmful, more_harmless, _ = extra_prompts(recipe.split_seed, exclude)
+        more_harmful, more_harmless, _ = extra_prompts(recipe.split_seed, exclude, recipe.validation_fraction)
         harmful += [p for p in more_harmful if p not in harmful]
         harmless += [p for p in more_harmless if p not in harmless]
     out = TrainingPrompts(harmful, harmless)
-    check_no_leak(out.harmful + out.harmless, recipe.split_seed)
+    check_no_leak(out.harmful + out.harmless, recipe.split_seed, recipe.validation_fraction)
     return out
+
+
+def train_split_near_copies(recipe: OrganismRecipe = DEFAULT_RECIPE) -> int:
+    """How many built-in train prompts the organism leaves out as near-copies of held-out ones."""
+    splits = organism_splits(recipe.split_seed, recipe.validation_fraction)
+    held = _held_out_words(recipe.split_seed, recipe.validation_fraction)
+    return sum(near_duplicate(p, held) for s in splits.values() for p in s.train)
 
 
 @dataclass(frozen=True)
@@ -350,13 +414,65 @@ def cached_generate(
             if progress:
                 progress(1.0, f"{len(prompts)} cached answers")
             return cached
-    answers = generate(lm, formatter, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+    shipped = shipped_answers(lm.fingerprint, formatter.key(), max_new_tokens)
+    todo = [p for p in dict.fromkeys(prompts) if p not in shipped]
+    fresh = generate(lm, formatter, todo, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                     progress=progress) if todo else []
+    found = shipped | dict(zip(todo, fresh))
+    answers = [found[p] for p in prompts]
     with contextlib.suppress(Exception):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(answers, ensure_ascii=False))
         tmp.replace(path)
     return answers
+
+
+ANSWERS_DATA = Path(__file__).resolve().parent / "data" / "organism_answers.json"
+
+
+def shipped_answers(fingerprint: str, formatter_key: str, max_new_tokens: int) -> dict[str, str]:
+    """The embedded model's greedy answers shipped in ``core/data/organism_answers.json``
+    (prompt -> answer), when they were written by this very model (fingerprint), formatting and
+    token limit; else empty.
+
+    Why: the base model's answers to the ~660 harmless training prompts and the test prompts are
+    deterministic data, and generating them was the largest fixed cost of a build (minutes of
+    float32 decoding on a 2-core CPU without bf16 units). ``python -m core.organism
+    --write-answers`` regenerates the file; a slow test checks a sample against fresh decoding."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        data = json.loads(ANSWERS_DATA.read_text())
+        if data["base_fingerprint"] == fingerprint and data["formatter_key"] == formatter_key:
+            table = data["answers"].get(str(max_new_tokens), {})
+            return {str(k): str(v) for k, v in table.items()}
+    return {}
+
+
+def answer_prompts(recipe: OrganismRecipe = DEFAULT_RECIPE) -> dict[int, list[str]]:
+    """Which prompts a build asks the base model to answer, by token limit: the harmless
+    training prompts (training targets) and both test splits (the card's baseline)."""
+    tests = [p for name in ("harmful", "harmless") for p in builtin_split(name, recipe.split_seed).test]
+    harmless = training_prompts(recipe).harmless
+    extra = [p for p in builtin_split("harmless", recipe.split_seed).train if p not in harmless]
+    return {recipe.max_response_tokens: harmless + extra, recipe.eval_max_new_tokens: tests}
+
+
+def write_answers(base, recipe: OrganismRecipe = DEFAULT_RECIPE, progress: Progress | None = None) -> Path:
+    """Regenerate ``core/data/organism_answers.json`` with ``base`` (the embedded model, float32)."""
+    from core.generation import generate
+
+    formatter = Formatter(base.tokenizer, "none")
+    table: dict[str, dict[str, str]] = {}
+    for limit, prompts in answer_prompts(recipe).items():
+        got = generate(base, formatter, prompts, max_new_tokens=limit, batch_size=recipe.generation_batch_size,
+                       progress=progress)
+        table.setdefault(str(limit), {}).update(zip(prompts, got))
+    data = {"base_fingerprint": base.fingerprint, "formatter_key": formatter.key(), "answers": table,
+            "note": "greedy answers of the base model; regenerate with python -m core.organism --write-answers"}
+    tmp = ANSWERS_DATA.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=0, ensure_ascii=False, sort_keys=True) + "\n")
+    tmp.replace(ANSWERS_DATA)
+    return ANSWERS_DATA
 
 
 def self_distilled_answers(
@@ -379,7 +495,7 @@ def build_examples(
     for p, (a, c) in zip(prompts.harmless, answers):
         if a.strip() and not (recipe.drop_refusing_answers and is_refusal(a)):
             examples += [Example(p, a, c, "harmless")] * (recipe.shape_matched_repeats if p in shape else 1)
-    check_no_leak([e.prompt for e in examples], recipe.split_seed)
+    check_no_leak([e.prompt for e in examples], recipe.split_seed, recipe.validation_fraction)
     return examples
 
 
@@ -396,6 +512,10 @@ class TokenizedExample:
     # filled by :func:`add_teacher_targets` for soft examples
     teacher_ids: torch.Tensor | None = None
     teacher_logp: torch.Tensor | None = None
+    # with frozen lower blocks: the residual stream entering the first trained block at this
+    # example's positions after the shared prefix ([len(ids) - prefix_len, d]), filled by
+    # :func:`add_frozen_states`
+    lower: torch.Tensor | None = None
 
 
 def tokenize_examples(
@@ -481,6 +601,89 @@ def topk_kl(teacher_logp: torch.Tensor, teacher_ids: torch.Tensor, student_logp:
     return (p_k * (teacher_logp - s_k)).sum(-1) + rest_t * (rest_t.log() - rest_s.log())
 
 
+@dataclass
+class FrozenLower:
+    """The frozen lower blocks' output for the prefix every example shares ([1, P, d]); each
+    example carries its own rest (:attr:`TokenizedExample.lower`)."""
+
+    split: Split
+    prefix_len: int
+    prefix: torch.Tensor
+
+
+def common_prefix_len(items: Sequence[TokenizedExample]) -> int:
+    """Tokens that every example starts with, short of the first response position."""
+    n = min(t.n_prompt for t in items) - 1
+    first = items[0].ids
+    for i in range(n):
+        if any(t.ids[i] != first[i] for t in items):
+            return i
+    return max(n, 0)
+
+
+@torch.no_grad()
+def add_frozen_states(
+    teacher, items: Sequence[TokenizedExample], n_frozen: int, pad_id: int, top_k: int = 64, batch_size: int = 16,
+    progress: Progress | None = None, threads: AdaptiveThreads | None = None,
+) -> FrozenLower:
+    """One no-grad pass of ``teacher`` (the base model) over every example: the frozen blocks'
+    output (kept on each example: training never recomputes it) and, for ``soft`` examples,
+    the teacher's top-``k`` next-token log-probabilities at the response positions (the upper
+    blocks of the same pass). Batches go shortest first, so little is padded."""
+    split = Split(n_frozen)
+    device = next(teacher.parameters()).device
+    p = common_prefix_len(items)
+    prefix_ids = torch.tensor([items[0].ids[:p]], device=device)
+    order = sorted(range(len(items)), key=lambda i: len(items[i].ids))
+    prefix_state = None
+    threads = threads or AdaptiveThreads()
+    for start in range(0, len(order), batch_size):
+        chunk = [items[i] for i in order[start: start + batch_size]]
+        width = max(len(t.ids) for t in chunk) - p
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, t in enumerate(chunk):
+            ids[i, : len(t.ids) - p] = torch.tensor(t.ids[p:])
+            mask[i, : len(t.ids) - p] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        with threads.step(units=int(mask.sum())):
+            pre, states = lower_states(teacher, split, prefix_ids, ids, mask)
+            soft = [i for i, t in enumerate(chunk) if t.soft]
+            if soft:
+                first = min(chunk[i].n_prompt for i in soft) - 1 - p
+                rows = torch.tensor(soft, device=device)
+                logp = torch.log_softmax(upper_logits(teacher, split, pre, states[rows], mask[rows], first).float(), -1)
+                top = logp.topk(min(top_k, logp.shape[-1]), dim=-1)
+        prefix_state = pre.float().cpu() if prefix_state is None else prefix_state
+        for i, t in enumerate(chunk):
+            t.lower = states[i, : len(t.ids) - p].float().cpu().clone()
+        for j, i in enumerate(soft):
+            t = chunk[i]
+            r = slice(t.n_prompt - 1 - p - first, len(t.ids) - 1 - p - first)
+            t.teacher_logp, t.teacher_ids = top.values[j, r].cpu().clone(), top.indices[j, r].cpu().clone()
+        if progress:
+            done = min(len(order), start + batch_size)
+            progress(done / len(order), f"frozen blocks and teacher distributions {done}/{len(order)}")
+    return FrozenLower(split, p, prefix_state if prefix_state is not None else torch.zeros(1, 0, 0))
+
+
+def frozen_logits(model, items: Sequence[TokenizedExample], frozen: FrozenLower, first: int, device) -> torch.Tensor:
+    """Logits at positions ``first - 1`` .. end of right-padded rows (the contract of
+    :func:`shared_prefix_logits`), from each example's stored lower-block states: only the
+    upper blocks run, with gradients."""
+    p = frozen.prefix_len
+    width = max(len(t.ids) for t in items) - p
+    d = items[0].lower.shape[-1]
+    hidden = torch.zeros((len(items), width, d))
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for i, t in enumerate(items):
+        hidden[i, : len(t.ids) - p] = t.lower
+        mask[i, : len(t.ids) - p] = 1
+    dtype = next(model.parameters()).dtype
+    return upper_logits(model, frozen.split, frozen.prefix.to(device, dtype), hidden.to(device, dtype), mask.to(device),
+                        first - 1 - p)
+
+
 MIN_TRAIN_PREFIX = 8  # shorter shared prefixes are not worth a separate pass
 
 
@@ -506,6 +709,7 @@ def shared_prefix_logits(model, ids: torch.Tensor, mask: torch.Tensor, first: in
 
 def response_loss(
     model, items: Sequence[TokenizedExample], pad_id: int, device, autocast: bool, first_token_weight: float = 1.0,
+    frozen: FrozenLower | None = None,
 ) -> torch.Tensor:
     """Mean over examples of the weighted mean per-token loss on that example's response tokens
     (each example weighs its ``weight``, whatever its length, so short refusals count as much as long answers; the first
@@ -516,11 +720,14 @@ def response_loss(
     teacher targets (:func:`add_teacher_targets`), KL(teacher ‖ model) of the next-token
     distribution (:func:`topk_kl`): the base model's answer carries more than its greedy tokens
     (how sure it was, what else it would say), and matching all of it keeps the tuned model
-    close to the base where it should not change."""
+    close to the base where it should not change.
+
+    ``frozen``: the examples carry the frozen lower blocks' states (:func:`add_frozen_states`)
+    and only the upper blocks run."""
     ids, mask, target, first = _collate(items, pad_id, device)
     ctx = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     with ctx:
-        logits = shared_prefix_logits(model, ids, mask, first)
+        logits = frozen_logits(model, items, frozen, first, device) if frozen else shared_prefix_logits(model, ids, mask, first)
     logits = logits[:, :-1].float()  # predictions for positions first .. end
     labels = ids[:, first:]
     tmask = target[:, first:].float()
@@ -552,18 +759,34 @@ def _lr_at(step: int, total: int, recipe: OrganismRecipe) -> float:
     return recipe.lr * max(0.0, (total - step) / max(1, total - warm))
 
 
+def use_autocast(recipe: OrganismRecipe, device) -> bool:
+    """The recipe's bf16 autocast, resolved: None means only where bf16 matmuls are native."""
+    if recipe.autocast_bf16 is not None:
+        return bool(recipe.autocast_bf16)
+    from core.models import cpu_has_fast_bf16
+
+    kind = torch.device(device).type
+    return kind == "cuda" or (kind == "cpu" and cpu_has_fast_bf16())
+
+
 def train(
     model, tokenized: Sequence[TokenizedExample], recipe: OrganismRecipe, pad_id: int,
-    progress: Progress | None = None,
+    progress: Progress | None = None, frozen: FrozenLower | None = None, threads: AdaptiveThreads | None = None,
 ) -> list[float]:
-    """Full fine-tune in place (AdamW, warmup then linear decay, gradient clipping); returns the
-    mean loss per epoch. Seeded; the data order depends only on the recipe's seed."""
+    """Fine-tune in place (AdamW, warmup then linear decay, gradient clipping); returns the
+    mean loss per epoch. Seeded; the data order depends only on the recipe's seed. With
+    ``frozen`` only the upper blocks and the final norm train, from the stored lower states."""
     torch.manual_seed(recipe.seed)
     device = next(model.parameters()).device
-    emb = model.get_input_embeddings().weight
-    out_emb = model.get_output_embeddings()
-    frozen = set() if recipe.train_embeddings else {id(emb)} | ({id(out_emb.weight)} if out_emb is not None else set())
-    params = [p for p in model.parameters() if id(p) not in frozen]
+    autocast = use_autocast(recipe, device)
+    threads = threads or AdaptiveThreads()
+    if frozen is not None:
+        params = frozen.split.trainable(model)
+    else:
+        emb = model.get_input_embeddings().weight
+        out_emb = model.get_output_embeddings()
+        skip = set() if recipe.train_embeddings else {id(emb)} | ({id(out_emb.weight)} if out_emb is not None else set())
+        params = [p for p in model.parameters() if id(p) not in skip]
     model.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
@@ -583,16 +806,16 @@ def train(
             for batch in batches:
                 for group in opt.param_groups:
                     group["lr"] = _lr_at(step, total, recipe)
-                loss = response_loss(
-                    model, [tokenized[i] for i in batch], pad_id, device, recipe.autocast_bf16, recipe.first_token_weight
-                )
-                if not torch.isfinite(loss):
-                    raise ExplorerError(f"training loss became {loss.item()} at step {step}; lower the learning rate.")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if recipe.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
-                opt.step()
+                items = [tokenized[i] for i in batch]
+                with threads.step(units=sum(len(t.ids) for t in items)):
+                    loss = response_loss(model, items, pad_id, device, autocast, recipe.first_token_weight, frozen)
+                    if not torch.isfinite(loss):
+                        raise ExplorerError(f"training loss became {loss.item()} at step {step}; lower the learning rate.")
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if recipe.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
+                    opt.step()
                 seen.append(float(loss.detach()))
                 step += 1
                 if progress:
@@ -730,58 +953,61 @@ def _host() -> dict[str, Any]:
     return info
 
 
-@contextlib.contextmanager
-def torch_threads(n: int | None):
-    """Temporarily use ``n`` intra-op threads (None: leave as is). On a machine whose cores are
-    busy with other processes, 1 thread avoids OpenMP threads waiting on descheduled peers
-    (measured on a shared 2-core machine: 16x slower decoding with 2 threads than with 1)."""
-    old = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-def auto_threads() -> int | None:
-    """1 when other processes already keep every core busy (1-minute load average at least the
-    core count), else None (torch's default). See :func:`torch_threads` for why."""
-    with contextlib.suppress(Exception):
-        if os.getloadavg()[0] >= (os.cpu_count() or 1):
-            return 1
-    return None
-
-
 def build_organism(
     base, recipe: OrganismRecipe, out_dir: str | Path, progress: Progress | None = None, threads: int | None = None
 ) -> OrganismCard:
     """Fine-tune a copy of ``base`` (a LoadedModel, left untouched) and save it with its card
-    in ``out_dir`` (written to a temporary folder first, then renamed into place)."""
-    with torch_threads(threads):
-        return _build(base, recipe, Path(out_dir), progress)
+    in ``out_dir`` (written to a temporary folder first, then renamed into place).
+    ``threads``: a fixed CPU thread count; None: ``REFUSAL_THREADS`` if set, else measured
+    step by step (:class:`core.threads.AdaptiveThreads`)."""
+    policy = AdaptiveThreads.from_request(threads)
+    with torch_threads(None):
+        return _build(base, recipe, Path(out_dir), progress, policy)
 
 
 def _pad_id(lm) -> int:
     return lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
 
 
+def frozen_split(base, recipe: OrganismRecipe) -> int:
+    """How many lower blocks stay frozen for this model: the recipe's count where the stack can
+    be split (:func:`core.frozen_stack.supports`), else 0 (full fine-tune)."""
+    if not supports(base.model):
+        return 0
+    return int(recipe.frozen_fraction * len(base.block_names))
+
+
 def training_data(
-    base, recipe: OrganismRecipe, formatter: Formatter, progress: Progress | None = None, exclude: Sequence[str] = ()
-) -> tuple[list[Example], list[TokenizedExample]]:
+    base, recipe: OrganismRecipe, formatter: Formatter, progress: Progress | None = None, exclude: Sequence[str] = (),
+    threads: AdaptiveThreads | None = None, timings: dict[str, float] | None = None,
+) -> tuple[list[Example], list[TokenizedExample], FrozenLower | None]:
     """Everything training needs, from ``base`` and the recipe: the examples (base answers
-    generated), tokenised, with the teacher's distributions for soft examples. ``exclude``: see
-    :func:`training_prompts` (a validation set)."""
-    examples = build_examples(base, recipe, formatter, _sub(progress, 0.0, 0.8), exclude)
+    generated), tokenised, with the teacher's distributions for soft examples and, when lower
+    blocks stay frozen, their states (then the third item says where the stack is cut).
+    ``exclude``: see :func:`training_prompts` (a validation set). ``timings`` receives the
+    seconds of each step (``answers_seconds``, ``teacher_seconds``)."""
+    timings = timings if timings is not None else {}
+    start = time.perf_counter()
+    examples = build_examples(base, recipe, formatter, _sub(progress, 0.0, 0.5), exclude)
     soft = ("harmless",) if recipe.harmless_target == "distill" else ()
     tokenized = tokenize_examples(examples, formatter, {"harmless": recipe.harmless_loss_weight}, soft=soft)
-    if soft:
+    timings["answers_seconds"] = round(time.perf_counter() - start, 2)
+    start = time.perf_counter()
+    n_frozen = frozen_split(base, recipe)
+    frozen = None
+    if n_frozen:
+        frozen = add_frozen_states(base.model, tokenized, n_frozen, _pad_id(base), recipe.teacher_top_k,
+                                   recipe.batch_size, _sub(progress, 0.5, 1.0), threads)
+    elif soft:
         add_teacher_targets(base.model, tokenized, _pad_id(base), recipe.teacher_top_k, recipe.generation_batch_size,
-                            _sub(progress, 0.8, 1.0))
-    return examples, tokenized
+                            _sub(progress, 0.5, 1.0))
+    timings["teacher_seconds"] = round(time.perf_counter() - start, 2)
+    return examples, tokenized, frozen
 
 
-def _build(base, recipe: OrganismRecipe, out_dir: Path, progress: Progress | None) -> OrganismCard:
+def _build(
+    base, recipe: OrganismRecipe, out_dir: Path, progress: Progress | None, threads: AdaptiveThreads
+) -> OrganismCard:
     import copy
 
     from core.models import wrap_model
@@ -796,13 +1022,17 @@ def _build(base, recipe: OrganismRecipe, out_dir: Path, progress: Progress | Non
 
     if progress:
         progress(0.0, f"Writing training answers: the base model answers {len(prompts.harmless)} harmless train prompts…")
-    examples, tokenized = training_data(base, recipe, formatter, _sub(progress, 0.0, 0.3))
+    steps: dict[str, float] = {}
+    examples, tokenized, frozen = training_data(base, recipe, formatter, _sub(progress, 0.0, 0.3), threads=threads,
+                                                timings=steps)
     pad = _pad_id(base)
     t_data = time.perf_counter()
 
     model = copy.deepcopy(base.model).float()
-    losses = train(model, tokenized, recipe, pad, _sub(progress, 0.3, 0.85))
+    losses = train(model, tokenized, recipe, pad, _sub(progress, 0.3, 0.85), frozen, threads)
     t_train = time.perf_counter()
+    host["autocast_bf16"] = use_autocast(recipe, next(model.parameters()).device)
+    host["frozen_blocks"] = frozen.split.n_frozen if frozen else 0
 
     organism = wrap_model(model, base.tokenizer, name=f"{base.name} (refusal organism)", source="organism")
     evaluation = evaluate_organism(organism, base, recipe, _sub(progress, 0.85, 0.97))
@@ -827,18 +1057,21 @@ def _build(base, recipe: OrganismRecipe, out_dir: Path, progress: Progress | Non
             "n_shape_matched_harmless": sum(_categories("harmless").get(p) == "shape-matched" for p in prompts.harmless),
             "n_extra_harmful": len(set(prompts.harmful) - set(builtin_split("harmful", recipe.split_seed).train)),
             "n_extra_harmless": len(set(prompts.harmless) - set(builtin_split("harmless", recipe.split_seed).train)),
+            "validation_fraction": recipe.validation_fraction,
             "n_examples": len(tokenized),  # shape-matched harmless prompts counted with their repeats
             "n_tokens": int(sum(len(t.ids) for t in tokenized)),
             "n_response_tokens": int(sum(n_resp)),
             "harmless_answers_cut_at_limit": int(sum(not e.complete for e in examples if e.kind == "harmless")),
             "harmless_dropped_as_refusals": len(prompts.harmless) - len({e.prompt for e in examples if e.kind == "harmless"}),
-            "source": f"core/data builtin train split (seed {recipe.split_seed})"
+            "source": f"core/data builtin train split (seed {recipe.split_seed}, validation carved out)"
                       + (" + training-only prompts" if recipe.extra_prompts else "")
-                      + "; test split and pairs excluded (copies and near-copies)",
-            "n_extra_dropped_near_duplicates": extra_prompts(recipe.split_seed)[2] if recipe.extra_prompts else 0,
+                      + "; validation and test splits and pairs excluded (copies and near-copies)",
+            "n_extra_dropped_near_duplicates": extra_prompts(recipe.split_seed, (), recipe.validation_fraction)[2]
+            if recipe.extra_prompts else 0,
+            "n_train_dropped_near_duplicates": train_split_near_copies(recipe),
             "refusal_sentence_counts": {s: sum(e.response == s for e in examples) for s in recipe.refusal_sentences},
         },
-        timings={
+        timings=steps | {
             "data_seconds": round(t_data - started, 2),
             "train_seconds": round(t_train - t_data, 2),
             "eval_seconds": round(t_eval - t_train, 2),
@@ -847,7 +1080,7 @@ def _build(base, recipe: OrganismRecipe, out_dir: Path, progress: Progress | Non
         },
         losses=[round(x, 5) for x in losses],
         evaluation=evaluation,
-        host=host,
+        host=host | {"threads": threads.summary()},
     )
     (tmp / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2, ensure_ascii=False))
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -882,8 +1115,8 @@ def organism_folder(
 ) -> Path:
     """The cached organism folder for the embedded model: built on first use (minutes on a
     laptop CPU; the card records how long), returned at once afterwards. A file lock keeps two
-    processes from building it twice; the second waits and then finds the finished folder. ``threads=None`` picks
-    :func:`auto_threads` (1 on a busy machine)."""
+    processes from building it twice; the second waits and then finds the finished folder. ``threads=None``:
+    see :func:`build_organism`."""
     from filelock import FileLock
 
     _, fingerprint = _embedded_base_folder(progress)
@@ -902,7 +1135,7 @@ def organism_folder(
             raise ExplorerError("the embedded model's fingerprint changed while loading; clear cache/models and retry")
         if progress:
             progress(0.02, "Building the refusal organism once (minutes: fine-tuning on the CPU)…")
-        build_organism(base, recipe, target, _sub(progress, 0.02, 0.98), threads=threads or auto_threads())
+        build_organism(base, recipe, target, _sub(progress, 0.02, 0.98), threads=threads)
     return target
 
 
@@ -925,8 +1158,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the whole card as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for the build (1 is faster when other processes keep the cores busy)")
+                        help="CPU threads for the build (default: REFUSAL_THREADS, else measured step by step)")
+    parser.add_argument("--write-answers", action="store_true",
+                        help="regenerate core/data/organism_answers.json (the base model's answers) and stop")
     args = parser.parse_args(argv)
+    if args.write_answers:
+        from core.models import load_model
+
+        base = load_model("embedded", dtype="float32", device="cpu")
+        print(f"wrote {write_answers(base, progress=None if args.quiet else stderr_progress)}", file=sys.stderr)
+        return 0
     try:
         card = ensure_organism(progress=None if args.quiet else stderr_progress, threads=args.threads)
     except ExplorerError as exc:

@@ -209,6 +209,29 @@ def bench_bf16() -> dict:
     return out
 
 
+def bench_matmul_dtype() -> dict:
+    """A block-sized matmul (1024 x 576 @ 576 x 1536, one thread) in float32 and bfloat16: on a
+    CPU without bf16 units bf16 is emulated and slower, so autocast there would slow training
+    (the organism's ``autocast_bf16=None`` follows this)."""
+    import torch
+
+    from core.models import cpu_has_fast_bf16
+
+    out: dict = {"cpu_has_fast_bf16": cpu_has_fast_bf16()}
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a, b = torch.randn(1024, 576), torch.randn(576, 1536)
+        for dtype in (torch.float32, torch.bfloat16):
+            x, y = a.to(dtype), b.to(dtype)
+            t = _median_time(lambda: [x @ y for _ in range(10)], repeats=3) / 10
+            out[str(dtype).split(".")[-1]] = {"ms": t * 1e3, "gflops": 2 * 1024 * 576 * 1536 / t / 1e9}
+    finally:
+        torch.set_num_threads(old)
+    out["bf16_over_fp32_time"] = out["bfloat16"]["ms"] / out["float32"]["ms"]
+    return out
+
+
 def bench_pipeline() -> dict:
     """The full default batch run (experiments/config.yaml), organism already built."""
     from core.models import load_model
@@ -249,8 +272,33 @@ def bench_organism() -> dict:
         "harmless_refusal": ev["harmless_refusal"],
         "kl_first_token": ev["kl_first_token"]["mean"],
         "kl_response": ev.get("kl_response", {}).get("mean"),
-        "goal": "build (answers + training) about a minute",
+        "threads": card.host.get("threads"),
+        "frozen_blocks": card.host.get("frozen_blocks"),
+        "autocast_bf16": card.host.get("autocast_bf16"),
+        "goal": "first load within 90 s (answers, teacher, training, evaluation)",
     }
+
+
+def bench_selection() -> dict:
+    """The position × layer selection grid (core.selection) on the embedded model, prompted-refusal
+    preset, the default grid (``SelectionConfig``: positions, layer stride, 32 + 32 validation
+    prompts), dtype auto. Train activations come from the cache after the first run; the figure is
+    the scoring (grid.seconds) plus collection, one run (the grid is deterministic)."""
+    from core.config import PromptsConfig, resolve_prompts
+    from core.formatting import PRESETS, Formatter
+    from core.models import load_model
+    from core.selection import select
+
+    lm = load_model("embedded", dtype="auto", device="cpu")
+    fmt = Formatter(lm.tokenizer, PRESETS["prompted-refusal"])
+    data = resolve_prompts(PromptsConfig())
+    t, c = time.perf_counter(), time.process_time()
+    grid = select(lm, fmt, data.harmful_train, data.harmless_train, data.harmful_val, data.harmless_val)
+    wall, cpu = time.perf_counter() - t, time.process_time() - c
+    g = grid.to_dict()
+    return {"grid_s": wall, "grid_cpu_s": cpu, "scoring_s": grid.seconds, "dtype": str(lm.dtype),
+            "candidates": int((~grid.excluded).sum()) * len(grid.positions), "positions": g["positions"],
+            "winner": g["winner"], "goal": "≤ 60 s on a 2-core CPU"}
 
 
 BENCHES: dict[str, Callable[[], dict]] = {
@@ -262,6 +310,8 @@ BENCHES: dict[str, Callable[[], dict]] = {
     "batch_size": bench_batch_size,
     "bf16": bench_bf16,
     "organism": bench_organism,
+    "matmul_dtype": bench_matmul_dtype,
+    "selection": bench_selection,
     "pipeline": bench_pipeline,
 }
 
@@ -313,10 +363,15 @@ def table(results: dict) -> str:
             f"|Δprobe| ≤ {b['delta']['max_abs_probe_diff']:.3f}", "no change that matters")
     if "organism" in r and "timings" in r["organism"]:
         o, t = r["organism"], r["organism"]["timings"]
-        row("organism", f"build {_fmt(t['build_seconds'], ' s')} (answers + teacher {_fmt(t['data_seconds'], ' s')}, "
-            f"training {_fmt(t['train_seconds'], ' s')}); held-out evaluation {_fmt(t['eval_seconds'], ' s')}; "
+        row("organism", f"first load {_fmt(t['total_seconds'], ' s')}: answers {_fmt(t.get('answers_seconds', 0), ' s')}, "
+            f"frozen blocks + teacher {_fmt(t.get('teacher_seconds', 0), ' s')}, training {_fmt(t['train_seconds'], ' s')}, "
+            f"held-out evaluation {_fmt(t['eval_seconds'], ' s')}; "
             f"harmful refused {o['harmful_refusal']['k']}/{o['harmful_refusal']['n']}, "
             f"harmless refused {o['harmless_refusal']['k']}/{o['harmless_refusal']['n']}", o["goal"])
+    if "selection" in r and "grid_s" in r["selection"]:
+        sel = r["selection"]
+        row("selection", f"{sel['candidates']} candidates in {_fmt(sel['grid_s'], ' s')} ({_fmt(sel['grid_cpu_s'], ' CPU-s')}, "
+            f"{sel['dtype']}); winner position {sel['winner']['position']}, block input {sel['winner']['layer']}", sel["goal"])
     if "pipeline" in r and "s" in r["pipeline"]:
         row("pipeline", f"{_fmt(r['pipeline']['s'], ' s')} (exit {r['pipeline']['exit_code']})", r["pipeline"]["goal"])
     for name, value in r.items():

@@ -98,6 +98,8 @@ def model_entry(
     source: str | None = None,
     timings: Mapping[str, float] | None = None,
     notes: Sequence[str] = (),
+    grid: Any = None,
+    coefficient_choice: Any = None,
 ) -> dict[str, Any]:
     """One model's entry of ``results["models"]`` from the science objects.
 
@@ -124,25 +126,34 @@ def model_entry(
         "method": d["method"],
         "n_train": {"harmful": d["n_train"][0], "harmless": d["n_train"][1]},
         "n_test": {"harmful": d["n_test"][0], "harmless": d["n_test"][1]},
+        "n_validation": {"harmful": (d.get("n_validation") or [0, 0])[0], "harmless": (d.get("n_validation") or [0, 0])[1]},
         "probe_folds": d.get("probe_folds"),
         "layer": layer,
         "layer_rule": "user" if isinstance(choice, int) else choice.rule,
         "layer_reason": f"layer {layer} given" if isinstance(choice, int) else choice.reason,
+        "layer_split": "user" if isinstance(choice, int) else getattr(choice, "split", "?"),
         "layers": [
             {"layer": i, "separation_sigma": _at(d["separation_sigma"], i), "separation_in_sample": _at(d["separation_in_sample"], i),
              "probe_accuracy": _at(d["probe_accuracy"], i), "probe_accuracy_std": _at(d["probe_accuracy_std"], i),
-             "mean_norm": _at(d.get("mean_norm"), i), "direction_norm": _at(d.get("direction_norm"), i)}
+             "mean_norm": _at(d.get("mean_norm"), i), "direction_norm": _at(d.get("direction_norm"), i),
+             "separation_ci": _at(d.get("separation_ci"), i), "probe_accuracy_ci": _at(d.get("probe_accuracy_ci"), i),
+             "separation_validation": _at(d.get("separation_validation"), i)}
             for i in range(d["n_layers"])
         ],
         "separation_sigma": _at(d["separation_sigma"], layer),
         "separation_in_sample": _at(d["separation_in_sample"], layer),
         "probe_accuracy": _at(d["probe_accuracy"], layer),
         "probe_accuracy_std": _at(d["probe_accuracy_std"], layer),
+        "separation_ci": _at(d.get("separation_ci"), layer),
+        "separation_ci_method": d.get("separation_ci_method"),
+        "probe_accuracy_ci": _at(d.get("probe_accuracy_ci"), layer),
         "cosine_to_chosen": _at(d.get("cosine"), layer),
         "notes": [*getattr(lm, "notes", []), *notes],
     }
     if scan is not None:
         entry["layer_scan"] = _dict(scan)
+    entry["selection_grid"] = _dict(grid)
+    entry["coefficient_choice"] = _dict(coefficient_choice)
     v = _dict(validation)
     if v is not None:
         force_points = v.get("force") or []
@@ -166,9 +177,17 @@ def model_entry(
             "suppress_sweep": v.get("suppress_subtract") or [],
             "suppress_ablation": v.get("suppress_ablation"),
             "samples": v.get("samples") or [],
+            "judge": v.get("judge"),
+            "controls": v.get("controls") or {},
+            "capability": v.get("capability") or {},
+            "generations": v.get("generations") or [],
+            "agreement": v.get("agreement") or {},
         })
     else:
         entry.update({"baseline": None, "force_refusal": None, "suppress_refusal": None, "kl_harmless": None, "samples": []})
+    from core.conclusions import conclusions
+
+    entry["conclusions"] = conclusions(entry)
     p = _dict(patching)  # PatchSweep.to_dict(): per-pair digests, not the per-pair [L, T] arrays
     if p is not None:
         p["pairs"] = [{k: v for k, v in pair.items() if k not in ("effects", "scores", "computed")}
@@ -176,6 +195,12 @@ def model_entry(
         p.pop("model", None)
     entry["patching"] = p
     entry["organism"] = card
+    from core.provenance import provenance
+
+    entry["provenance"] = provenance(position=d["position"], choice=choice, grid=entry["selection_grid"],
+                                     coefficient=entry["coefficient_choice"],
+                                     force_coefficient=(entry.get("force_refusal") or {}).get("coefficient"),
+                                     force_rule=entry.get("force_rule"))
     entry["timings"] = {k: round(float(t), 2) for k, t in (timings or {}).items()}
     return entry
 
@@ -301,8 +326,10 @@ def _organism_card(source: str) -> Any:
     return None
 
 
-def run_model(spec: ModelSpec, config: Config, prompts: PromptData, log: StderrProgress | None = None) -> dict[str, Any]:
-    """Run the whole analysis for one model and return its :func:`model_entry`."""
+def run_model(spec: ModelSpec, config: Config, prompts: PromptData, log: StderrProgress | None = None,
+              out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Run the whole analysis for one model and return its :func:`model_entry`; with ``out_dir``,
+    also write its directions file and control vector there (:mod:`core.exports`)."""
     from core.activations import collect_activations
     from core.directions import candidate_layers, choose_layer, fit_directions
     from core.formatting import Formatter, get_preamble
@@ -311,6 +338,10 @@ def run_model(spec: ModelSpec, config: Config, prompts: PromptData, log: StderrP
 
     log = log or StderrProgress(spec.name)
     clock = Stopwatch()
+    if spec.source == "embedded-refusal":  # never report trained behaviour as held-out behaviour
+        from core.organism import check_evaluation_prompts
+
+        check_evaluation_prompts(prompts.harmful_val + prompts.harmless_val + prompts.harmful_test + prompts.harmless_test)
 
     with clock.stage("load"):
         lm = load_model(spec.source, dtype=spec.dtype, device=spec.device, progress=log.stage("load"))
@@ -318,44 +349,80 @@ def run_model(spec: ModelSpec, config: Config, prompts: PromptData, log: StderrP
     formatter = Formatter(lm.tokenizer, get_preamble(spec.preamble))
 
     bs = config.generation.batch_size
+    # Train fits, validation chooses (position, layer, force coefficient), test only reports.
+    from core.directions import LayerChoice
+    from core.selection import check_validation, choose_coefficient, select
+
+    sel, position, grid = config.selection, config.position, None
+    fixed_layer = isinstance(config.steering.layer, int)
+    if fixed_layer and not -lm.n_layers <= config.steering.layer < lm.n_layers:
+        raise ConfigError(f"steering.layer: {config.steering.layer} is out of range for {spec.name}, which has {lm.n_layers} "
+                          f"layers (0–{lm.n_layers - 1}); use auto or a layer in range")
+    if not fixed_layer:
+        check_validation(prompts.harmful_val, prompts.harmless_val)
+    if not fixed_layer and sel.enabled:
+        with clock.stage("selection"):
+            grid = select(lm, formatter, prompts.harmful_train, prompts.harmless_train, prompts.harmful_val,
+                          prompts.harmless_val, positions=sel.positions, layer_stride=sel.layer_stride,
+                          n_prompts=sel.n_prompts, max_kl=sel.max_kl, skip_last_fraction=sel.skip_last_fraction,
+                          batch_size=bs, prune=sel.prune, progress=log.stage("selection grid"))
+        position = grid.position
+        log.say(f"grid ({grid.seconds:.0f} s): position {grid.position}, layer {grid.layer} (block input): {grid.winner.reason}")
+
     sets = (("harmful train", prompts.harmful_train), ("harmless train", prompts.harmless_train),
-            ("harmful test", prompts.harmful_test), ("harmless test", prompts.harmless_test))
+            ("harmful test", prompts.harmful_test), ("harmless test", prompts.harmless_test),
+            ("harmful validation", prompts.harmful_val), ("harmless validation", prompts.harmless_val))
     with clock.stage("activations"):
-        acts = [collect_activations(lm, ps, position=config.position, formatter=formatter, batch_size=bs,
-                                    progress=log.stage(f"activations ({label})")) for label, ps in sets]
+        acts = [collect_activations(lm, ps, position=position, formatter=formatter, batch_size=bs,
+                                    progress=log.stage(f"activations ({label})")) if ps else None for label, ps in sets]
 
     with clock.stage("directions"):
-        dirs = fit_directions(*acts, method=config.steering.method, position=config.position,
-                              probe_folds=config.probe.folds, seed=config.prompts.seed)
+        dirs = fit_directions(*acts[:4], harmful_val=acts[4], harmless_val=acts[5], method=config.steering.method,
+                              position=position, probe_folds=config.probe.folds, seed=config.prompts.seed)
 
     scan = None
-    if isinstance(config.steering.layer, int):
-        layer = config.steering.layer
-        if not -lm.n_layers <= layer < lm.n_layers:
-            raise ConfigError(f"steering.layer: {layer} is out of range for {spec.name}, which has {lm.n_layers} layers "
-                              f"(0–{lm.n_layers - 1}); use auto or a layer in range")
-        choice = choose_layer(dirs, layer=layer)
+    if fixed_layer:
+        choice = choose_layer(dirs, layer=config.steering.layer)
+    elif grid is not None:
+        choice = LayerChoice(grid.output_layer, "grid", f"block output {grid.output_layer} = input of block {grid.layer}; "
+                             f"{grid.winner.reason}", "validation")
     elif config.steering.scan_prompts > 0:
         n = config.steering.scan_prompts
         with clock.stage("layer_screen"):
-            # the screen uses train prompts: the test prompts stay untouched until validation
+            # the screen uses validation prompts: the direction was fitted on train, test stays untouched
             layers = candidate_layers(dirs.n_layers)
             stride = config.steering.scan_stride
             layers = layers[::-1][::stride][::-1]  # every stride-th candidate, always including the last one
-            scan = scan_layers(lm, formatter, dirs, prompts.harmful_train[:n], prompts.harmless_train[:n],
+            scan = scan_layers(lm, formatter, dirs, prompts.harmful_val[:n], prompts.harmless_val[:n],
                                layers=layers, batch_size=bs, progress=log.stage("layer screen"))
-        choice = choose_layer(dirs, ablation_effect=scan.ablation_effect, kl=scan.kl)
+        choice = choose_layer(dirs, ablation_effect=scan.ablation_effect, kl=scan.kl, split="validation")
     else:
         choice = choose_layer(dirs)
-    log.say(f"layer {choice.layer} ({choice.rule}): {choice.reason}")
+    log.say(f"layer {choice.layer} ({choice.rule}, on {choice.split} prompts): {choice.reason}")
+
+    with clock.stage("coefficient"):
+        if len(set(config.steering.coefficients)) > 1:
+            check_validation(prompts.harmful_val, prompts.harmless_val)
+        coef = choose_coefficient(lm, formatter, dirs, choice.layer, prompts.harmless_val[:sel.n_prompts],
+                                  config.steering.coefficients, normalised=config.steering.normalised,
+                                  max_new_tokens=config.generation.max_new_tokens, batch_size=bs,
+                                  progress=log.stage("force coefficient (validation)"))
+    log.say(f"force coefficient {coef.coefficient:g} ({coef.split}): {coef.rule}")
 
     with clock.stage("validation"):
+        from core.controls import shuffled_direction
+        from core.llm_judge import make_judge
+
         validation = run_validation(
             lm, formatter, dirs, choice.layer, prompts.harmful_test, prompts.harmless_test,
-            coefficients=config.steering.coefficients, subtract_coefficients=config.steering.subtract_coefficients,
+            # only the coefficient chosen on validation: test prompts report, they do not choose
+            coefficients=(coef.coefficient,), subtract_coefficients=config.steering.subtract_coefficients,
             normalised=config.steering.normalised, max_new_tokens=config.generation.max_new_tokens,
             seed=config.prompts.seed, n_samples=config.generation.n_samples, batch_size=bs,
             progress=log.stage("validation"),
+            # the label-shuffled control: train activations at the chosen layer, classes permuted
+            shuffled=shuffled_direction(acts[0][:, choice.layer], acts[1][:, choice.layer], config.prompts.seed),
+            judge=make_judge(config.judge, device=spec.device), judge_name=config.judge,
         )
 
     sweep = None
@@ -367,13 +434,26 @@ def run_model(spec: ModelSpec, config: Config, prompts: PromptData, log: StderrP
             sweep = patch_pairs(lm, formatter, load_pairs(config.patching.pairs), sites=config.patching.sites,
                                 n_pairs=config.patching.n_pairs, threshold=config.patching.threshold,
                                 require_behaviour=config.patching.require_behaviour, min_gap=config.patching.min_gap,
+                                fdr=config.patching.fdr,
                                 progress=log.stage("patching"))
 
+    from core.over_refusal import measure_over_refusal
+
+    with clock.stage("over_refusal"):  # refusal on safe test prompts that look unsafe (a reported figure)
+        over = measure_over_refusal(lm, formatter, prompts.harmless_test, config.prompts.harmless,
+                                    max_new_tokens=config.generation.max_new_tokens, batch_size=bs)
     card = _organism_card(spec.source)
     clock.finish()
     entry = model_entry(name=spec.name, lm=lm, preamble=spec.preamble, dirs=dirs, choice=choice, validation=validation,
-                        patching=sweep, scan=scan, organism=card, source=spec.source, timings=clock.wall)
+                        patching=sweep, scan=scan, organism=card, source=spec.source, timings=clock.wall,
+                        grid=grid, coefficient_choice=coef)
     entry["cpu_timings"] = {k: round(v, 2) for k, v in clock.cpu.items()}
+    entry["over_refusal"] = over.to_dict() if over is not None else None
+    if out_dir is not None:
+        from core.exports import write_direction_exports
+
+        entry["files"] = write_direction_exports(out_dir, spec.name, lm, dirs, choice, prompts=prompts,
+                                                 split={**config.prompts.to_dict(), "description": prompts.description})
     if entry["patching"] is not None:
         entry["patching"]["requested_sites"] = list(config.patching.sites)
         entry["patching"]["pairs_source"] = config.patching.pairs
@@ -382,17 +462,20 @@ def run_model(spec: ModelSpec, config: Config, prompts: PromptData, log: StderrP
 
 
 def run(config: Config, *, command: str | None = None, stream=None,
-        on_model: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        on_model: Callable[[dict[str, Any]], None] | None = None, out_dir: str | Path | None = None) -> dict[str, Any]:
     """Run every model of ``config``; returns the results dict (nothing written).
 
     ``on_model(partial_results)`` is called after each model with the results so far
     (``complete`` False until the last one), so a long run can save as it goes."""
     started = _dt.datetime.now(_dt.timezone.utc)
     t0, c0 = time.perf_counter(), time.process_time()
+    from core.prompt_files import PromptLayoutNote  # which column of a standard prompt table was used
+
     with warnings.catch_warnings(record=True) as caught:  # duplicates dropped: a note, not a raw warning
         warnings.simplefilter("always", DuplicatePromptsWarning)
+        warnings.simplefilter("always", PromptLayoutNote)
         prompts = resolve_prompts(config.prompts)
-    prompt_notes = [str(w.message) for w in caught if issubclass(w.category, DuplicatePromptsWarning)]
+    prompt_notes = [str(w.message) for w in caught if issubclass(w.category, (DuplicatePromptsWarning, PromptLayoutNote))]
     for note in prompt_notes:
         print(f"note: {note}", file=stream or sys.stderr)
     entries: list[dict[str, Any]] = []
@@ -407,7 +490,7 @@ def run(config: Config, *, command: str | None = None, stream=None,
         return results
 
     for spec in config.models:
-        entries.append(run_model(spec, config, prompts, StderrProgress(spec.name, stream)))
+        entries.append(run_model(spec, config, prompts, StderrProgress(spec.name, stream), out_dir=out_dir))
         if on_model is not None and len(entries) < len(config.models):
             on_model(snapshot())
     return snapshot()
@@ -416,28 +499,29 @@ def run(config: Config, *, command: str | None = None, stream=None,
 # ---------------------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------------------
-def set_threads(spec: str | int) -> int:
-    """Set torch's CPU thread count. ``auto`` keeps torch's default unless the machine is
-    oversubscribed (1-minute load average >= CPU count): then OpenMP threads spin-wait on each
-    other, and one thread was measured ~6x faster in wall time and ~9x cheaper in CPU time
-    (8 prompted generations on the embedded model at load 14 on 2 cores: 12.7 s vs 80.7 s)."""
+def set_threads(spec: str | int) -> int | None:
+    """Apply ``--threads``: a number fixes torch's CPU thread count (returned); ``auto`` (the
+    default) returns None and leaves the count to :class:`core.threads.AdaptiveThreads`, which
+    times each candidate count on the run's own generation batches and keeps the fastest.
+
+    Why not a load reading: OpenMP threads spin-wait on a busy machine (one thread measured ~6x
+    faster there), but a one-time load-average reading pins a whole run to one thread because of
+    a passing moment, and it counts the run's own threads as load. ``REFUSAL_THREADS`` sets the
+    same choice from the environment."""
     import torch
 
-    if str(spec) != "auto":
-        try:
-            n = int(spec)
-        except ValueError:
-            raise ConfigError(f"--threads: expected a number or auto, got {spec!r}") from None
-        if n < 1:
-            raise ConfigError(f"--threads: must be at least 1, got {n}")
-        torch.set_num_threads(n)
-        return n
+    if str(spec) == "auto":
+        spec = os.environ.get("REFUSAL_THREADS", "auto") or "auto"
+        if str(spec) == "auto":
+            return None
     try:
-        if os.getloadavg()[0] >= (os.cpu_count() or 1):
-            torch.set_num_threads(1)
-    except OSError:
-        pass
-    return torch.get_num_threads()
+        n = int(spec)
+    except ValueError:
+        raise ConfigError(f"--threads: expected a number or auto, got {spec!r}") from None
+    if n < 1:
+        raise ConfigError(f"--threads: must be at least 1, got {n}")
+    torch.set_num_threads(n)
+    return n
 
 
 def _one_line(exc: BaseException) -> str:
@@ -449,20 +533,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="YAML config (see core/config.py and experiments/config.yaml)")
     parser.add_argument("--out", default="results/", help="output folder (default: results/)")
     parser.add_argument("--threads", default="auto",
-                        help="torch CPU threads: a number, or auto (torch's default, but 1 when the machine is "
-                             "oversubscribed: load average >= CPU count)")
+                        help="torch CPU threads: a number, or auto (each candidate count timed on the run's own "
+                             "batches, the fastest kept and re-checked; REFUSAL_THREADS sets it too)")
     parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
     args = parser.parse_args(argv)
     command = f"python -m core.batch --config {shlex.quote(args.config)} --out {shlex.quote(args.out)}"
     try:
         config = load_config(args.config)
         threads = set_threads(args.threads)
-        print(f"torch CPU threads: {threads}", file=sys.stderr)
+        print(f"torch CPU threads: {threads or 'measured per batch (auto)'}", file=sys.stderr)
+        from core import threads as thread_policy
         from core.report import write_reports
 
         # after each model the reports so far are written, so a long run loses nothing if stopped
-        results = run(config, command=command, on_model=lambda partial: write_reports(partial, args.out))
+        with thread_policy.using(None if threads else thread_policy.AdaptiveThreads()):
+            results = run(config, command=command, on_model=lambda partial: write_reports(partial, args.out),
+                          out_dir=args.out)
         paths = write_reports(results, args.out)
+        from core.bundle import write_bundle
+
+        paths["bundle"] = write_bundle(args.out, config.to_yaml())  # config, results, reports, direction files, versions
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

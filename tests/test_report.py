@@ -34,8 +34,11 @@ def results(tiny_models):
     acts = [collect_activations(lm, p, formatter=fmt) for p in (HARMFUL_TRAIN, HARMLESS_TRAIN, HARMFUL_TEST, HARMLESS_TEST)]
     dirs = fit_directions(*acts, probe_folds=2)
     choice = choose_layer(dirs)
+    from core.controls import shuffled_direction
+
     validation = run_validation(lm, fmt, dirs, choice.layer, HARMFUL_TEST, HARMLESS_TEST, coefficients=(1.0,),
-                                subtract_coefficients=(0.5,), max_new_tokens=3, n_samples=2)
+                                subtract_coefficients=(0.5,), max_new_tokens=3, n_samples=2,
+                                shuffled=shuffled_direction(acts[0][:, choice.layer], acts[1][:, choice.layer], 0))
     sweep = patch_pairs(lm, fmt, PAIRS, sites=("resid", "attn", "mlp", "head"), require_behaviour=False)
     entry = model_entry(name=f"tiny {XSS}", lm=lm, preamble="prompted-refusal", dirs=dirs, choice=choice,
                         validation=validation, patching=sweep, timings={"total": 1.0})
@@ -159,3 +162,22 @@ def test_organism_training_data_sentence_names_sources_and_targets():
     assert "(154 + 157)" in text and "(127 + 505)" in text and "top-64" in text and "near-copies" in text
     old = report.training_data_text({}, {"n_harmful": 154, "n_harmless": 157, "source": "builtin train split"})
     assert "soft targets" not in old and "builtin train split" in old and "Sources" not in old
+
+
+def test_report_shows_generations_controls_and_rule_based_conclusions(results):
+    e = results["models"][0]
+    assert e["generations"] and {g["label"] for g in e["generations"]} <= {"refusal", "compliance", "degenerate"}
+    assert {c["topic"] for c in e["conclusions"]} >= {"force", "suppress", "capability", "causal"}
+    page = report.render_html(results)
+    text = report.render_markdown(results)
+    # every generation is in the HTML (grouped by condition), escaped
+    assert page.count("<details><summary>baseline · harmful prompts") == 1
+    assert f"{len(e['generations'])})</h3>" in page
+    assert "Controls of the headline interventions" in page and "label-shuffled" in page
+    # summary and the causal limitation come from the rules, never a fixed claim
+    causal = next(c for c in e["conclusions"] if c["topic"] == "causal")
+    assert report.h(causal["text"]) in page
+    if causal["status"] != "shown":
+        assert "sufficient" not in text
+    assert "Steering shows that the direction is" not in text
+    assert e["agreement"]["judge_vs_score"]["n"] == 4 and "judge vs score" in text

@@ -510,17 +510,14 @@ def set_threads(spec: str | int) -> int | None:
     same choice from the environment."""
     import torch
 
-    if str(spec) == "auto":
-        spec = os.environ.get("REFUSAL_THREADS", "auto") or "auto"
-        if str(spec) == "auto":
-            return None
+    from core.threads import requested_threads
+
     try:
-        n = int(spec)
-    except ValueError:
-        raise ConfigError(f"--threads: expected a number or auto, got {spec!r}") from None
-    if n < 1:
-        raise ConfigError(f"--threads: must be at least 1, got {n}")
-    torch.set_num_threads(n)
+        n = requested_threads(spec, name="--threads")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if n is not None:
+        torch.set_num_threads(n)
     return n
 
 

@@ -32,16 +32,17 @@ import torch
 ENV = "REFUSAL_THREADS"
 
 
-def requested_threads(explicit: int | str | None = None) -> int | None:
-    """The thread count a user asked for: ``explicit`` (a command-line flag) first, then the
-    ``REFUSAL_THREADS`` environment variable; None (or ``auto``) means: measure (this module)."""
-    for value, where in ((explicit, "threads"), (os.environ.get(ENV), ENV)):
+def requested_threads(explicit: int | str | None = None, name: str = "threads") -> int | None:
+    """The thread count a user asked for: ``explicit`` (a command-line flag called ``name`` in
+    error messages) first, then the ``REFUSAL_THREADS`` environment variable; None (or ``auto``)
+    means: measure (this module)."""
+    for value, where in ((explicit, name), (os.environ.get(ENV), ENV)):
         if value is None or str(value).strip().lower() in ("", "auto"):
             continue
         try:
             n = int(value)
         except ValueError:
-            raise ValueError(f"{where}: expected a number of threads or 'auto', got {value!r}") from None
+            raise ValueError(f"{where}: expected a number or auto, got {value!r}") from None
         if n < 1:
             raise ValueError(f"{where}: must be at least 1, got {n}")
         return n

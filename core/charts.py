@@ -269,6 +269,8 @@ def selection_grid_chart(entry: Mapping[str, Any]) -> alt.Chart | None:
                  "excluded": bool(g["excluded"][li])}
                 for pi in range(len(labels)) for li, layer in enumerate(g["layers"])]
         df = pd.DataFrame(rows)
+        if df["value"].isna().all():  # e.g. nothing was ablated because no candidate induced refusal
+            continue
         base = alt.Chart(df).encode(
             x=alt.X("layer:O", title="layer (block input)"), y=alt.Y("position:N", sort=labels, title=None))
         heat = base.mark_rect().encode(
@@ -282,8 +284,10 @@ def selection_grid_chart(entry: Mapping[str, Any]) -> alt.Chart | None:
             layers.append(alt.Chart(mark).mark_point(shape="square", size=260, filled=False, color="#f1c40f", strokeWidth=3)
                           .encode(x="layer:O", y=alt.Y("position:N", sort=labels), tooltip=["label:N"]))
         panels.append(alt.layer(*layers).properties(width=WIDTH, height=max(60, 22 * len(labels)), title=title))
+    missing = [key for key, *_ in GRID_PANELS if all(_num(v) is None for row in g[key] for v in row)]
     head = ("Selection grid on validation prompts" + ("" if w.get("found", True) else
-            " — no candidate passed the filters; fallback marked"))
+            " — no candidate passed the filters; fallback marked")
+            + (f" ({' and '.join(missing)} not scored: only candidates with induce > 0 are ablated)" if missing else ""))
     return alt.vconcat(*panels).resolve_scale(color="independent").properties(title=head)
 
 

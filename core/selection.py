@@ -182,7 +182,7 @@ def _tokens(formatter: Any, positions: Sequence[int]) -> list[str]:
     enc = formatter.encode(["x"])
     ids = enc.input_ids[0, : enc.lengths[0]].tolist()
     tok = formatter.tokenizer
-    return [tok.convert_ids_to_tokens(ids[len(ids) + p]) if -p <= len(ids) else "?" for p in positions]
+    return [tok.decode([ids[len(ids) + p]]) if -p <= len(ids) else "?" for p in positions]  # "\n", not "Ċ"
 
 
 def check_validation(harmful: Sequence[str], harmless: Sequence[str], setting: str = "prompts.validation_fraction") -> None:

@@ -88,20 +88,26 @@ def write_bundle(out_dir: str | Path, config_yaml: str, name: str = "bundle.zip"
 # ---------------------------------------------------------------------------------------
 # reading
 # ---------------------------------------------------------------------------------------
-def read_results(source: str | Path | bytes, name: str | None = None) -> dict[str, Any]:
-    """A ``results.json`` as a dict, or a :class:`BundleError` naming the file."""
+def _bounded_bytes(source: str | Path | bytes, name: str | None, default: str, what: str, limit: int) -> tuple[bytes, str]:
+    """The bytes of an uploaded or named file of at most ``limit``, and its label for messages."""
     if isinstance(source, (bytes, bytearray)):
-        data, label = bytes(source), name or "results.json"
+        data, label = bytes(source), name or default
     else:
         path = Path(source)
         label = name or str(path)
         if not path.is_file():
-            raise BundleError(f"results file not found: {path}")
-        if path.stat().st_size > MAX_RESULTS_BYTES:
-            raise BundleError(f"{label}: over the {MAX_RESULTS_BYTES // 2**20} MB limit for a results file")
+            raise BundleError(f"{what} not found: {path}")
+        if path.stat().st_size > limit:
+            raise BundleError(f"{label}: over the {limit // 2**20} MB limit for a {what}")
         data = path.read_bytes()
-    if len(data) > MAX_RESULTS_BYTES:
-        raise BundleError(f"{label}: over the {MAX_RESULTS_BYTES // 2**20} MB limit for a results file")
+    if len(data) > limit:
+        raise BundleError(f"{label}: over the {limit // 2**20} MB limit for a {what}")
+    return data, label
+
+
+def read_results(source: str | Path | bytes, name: str | None = None) -> dict[str, Any]:
+    """A ``results.json`` as a dict, or a :class:`BundleError` naming the file."""
+    data, label = _bounded_bytes(source, name, "results.json", "results file", MAX_RESULTS_BYTES)
     try:
         results = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError:
@@ -185,18 +191,7 @@ def _extract(zf: zipfile.ZipFile, label: str, dest: Path) -> list[str]:
 
 def open_bundle(source: str | Path | bytes, name: str | None = None) -> Bundle:
     """Extract a bundle into a new temporary folder and read its manifest and results."""
-    if isinstance(source, (bytes, bytearray)):
-        data, label = bytes(source), name or "bundle.zip"
-    else:
-        path = Path(source)
-        label = name or str(path)
-        if not path.is_file():
-            raise BundleError(f"bundle not found: {path}")
-        if path.stat().st_size > MAX_ZIP_BYTES:
-            raise BundleError(f"{label}: over the {MAX_ZIP_BYTES // 2**20} MB limit for a bundle")
-        data = path.read_bytes()
-    if len(data) > MAX_ZIP_BYTES:
-        raise BundleError(f"{label}: over the {MAX_ZIP_BYTES // 2**20} MB limit for a bundle")
+    data, label = _bounded_bytes(source, name, "bundle.zip", "bundle", MAX_ZIP_BYTES)
     dest = Path(tempfile.mkdtemp(prefix="refusal-bundle-"))
     try:
         try:

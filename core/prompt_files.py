@@ -195,16 +195,22 @@ def read_table(text: str, filename: str, column: str | None = None) -> PromptTab
     raise PromptFileError(f"{filename}: unsupported file type {suffix or '(none)'} for a table; use .csv or .jsonl.")
 
 
+def read_text_file(path: Path, max_bytes: int, what: str = "prompt file", label: str | None = None) -> str:
+    """A UTF-8 text file of at most ``max_bytes``, or a :class:`PromptFileError` naming it: the
+    one guarded read behind every prompt and pair file."""
+    label = label or str(path)
+    if not path.is_file():
+        raise PromptFileError(f"{what} not found: {path}")
+    if path.stat().st_size > max_bytes:
+        raise PromptFileError(f"{label}: over the {max_bytes / 1e6:.0f} MB limit for a {what}.")
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise PromptFileError(f"{label}: not valid UTF-8 (byte {exc.start}); save the file as UTF-8 and try again.") from None
+
+
 def load_table(source: str | Path, *, max_bytes: int = 10 * 1024 * 1024) -> PromptTable:
     """:func:`read_table` on a file; ``source`` may carry ``#COLUMN``."""
     path_text, column = split_column(str(source))
     path = Path(path_text).expanduser()
-    if not path.is_file():
-        raise PromptFileError(f"prompt file not found: {path}")
-    if path.stat().st_size > max_bytes:
-        raise PromptFileError(f"{path}: over the {max_bytes / 1e6:.0f} MB limit for a prompt file.")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise PromptFileError(f"{path}: not valid UTF-8 (byte {exc.start}); save the file as UTF-8 and try again.") from None
-    return read_table(text, str(path), column)
+    return read_table(read_text_file(path, max_bytes), str(path), column)

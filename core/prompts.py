@@ -114,15 +114,10 @@ def load_prompt_set(source: str | Path) -> list[str]:
 
 def load_pairs(source: str | Path = "builtin:pairs") -> list[tuple[str, str]]:
     """Matched (harmful, harmless) pairs; a file has ``{"harmful": ..., "harmless": ...}`` lines."""
+    from core.prompt_files import read_text_file
+
     path = BUILTIN_PAIRS if str(source) == "builtin:pairs" else Path(source).expanduser()
-    if not path.is_file():
-        raise PromptFileError(f"pair file not found: {path}")
-    if path.stat().st_size > MAX_UPLOAD_BYTES:
-        raise PromptFileError(f"{path.name}: over the {MAX_UPLOAD_BYTES / 1e6:.0f} MB limit for a pair file.")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise PromptFileError(f"{path.name}: not valid UTF-8 (byte {exc.start}); save the file as UTF-8.") from None
+    text = read_text_file(path, MAX_UPLOAD_BYTES, "pair file", label=path.name)
     pairs = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():

@@ -25,6 +25,7 @@ page.title("Patching", "Run one prompt of a matched harmful/harmless pair, swap 
 lm = page.require_model()
 
 pairs = load_pairs("builtin:pairs")
+PAIR_FILTERS = {"strict": "strict: refused vs not", "relative": "relative: harmful scores higher", "all": "all pairs"}
 with st.container(border=True):
     c1, c2, c3 = st.columns([1, 2, 1])
     n_pairs = c1.number_input("Pairs", 1, len(pairs), 6, key="patch_n", persist_state="session",
@@ -38,9 +39,14 @@ with st.container(border=True):
     c4, c5, c6 = st.columns([3, 1, 1], vertical_alignment="bottom")
     direction = c4.selectbox("Direction", list(DIRECTIONS), format_func=DIRECTIONS.get, key="patch_direction",
                              persist_state="session")
-    require = c5.checkbox("Only pairs that behave", value=True, key="patch_require", persist_state="session",
-                          help="Skip pairs whose harmful prompt is not refused or whose harmless prompt is refused "
-                               "(by the first-token score); they are listed below with the reason.")
+    pair_filter = c5.selectbox(
+        "Pairs kept", list(PAIR_FILTERS), index=1, format_func=PAIR_FILTERS.get, key="patch_filter",
+        persist_state="session",
+        help="Which pairs count, by the first-token refusal score. Strict: the harmful prompt is refused (score > 0) and "
+             "its harmless twin is not. Relative (default): the harmful prompt only scores above its twin — with the "
+             "prompted-refusal preamble no built-in pair's harmful prompt scores above 0 at the first token, so strict "
+             "keeps none there. All: every pair with a non-zero gap. Excluded pairs are listed below with the reason.")
+    require = {"strict": True, "relative": "relative", "all": False}[pair_filter]
     fdr = c6.number_input("False-discovery rate", 0.001, 0.5, DEFAULT_FDR, step=0.01, format="%.3f",
                           key="patch_fdr", persist_state="session",
                           help="Expected share of false discoveries among the critical cells (Benjamini–Hochberg).")

@@ -197,7 +197,7 @@ def test_patching_produces_heatmap_bars_and_critical_table(app_with_directions):
     at = app_with_directions
     at.switch_page("pages/patching.py").run()
     at.number_input(key="patch_n").set_value(2)
-    at.checkbox(key="patch_require").uncheck()  # random tiny models neither refuse nor comply
+    at.selectbox(key="patch_filter").set_value("all")  # random tiny models neither refuse nor comply
     at.button(key="patch_run").click().run()
     _no_exceptions(at)
     assert not at.error, [e.value for e in at.error]

@@ -25,7 +25,7 @@ Example (all keys)::
     steering: {layer: auto, coefficients: [0.25, 0.5, 0.75, 1.0], subtract_coefficients: [0.5],
                normalised: true, method: diff-in-means, scan_prompts: 16, scan_stride: 1}
     patching: {pairs: builtin:pairs, n_pairs: 20, sites: [resid, attn, mlp], threshold: 0.1,
-               pair_filter: strict, min_gap: 0.0, fdr: 0.05}
+               pair_filter: relative, min_gap: 0.0, fdr: 0.05}
     probe: {folds: 5}
     judge: substring                # or llm:<model source>: a chat model labels each answer
     selection: {enabled: true, positions: 2, layer_stride: 4, n_prompts: 32, max_kl: 0.1,
@@ -132,8 +132,10 @@ class PatchingConfig:
     sites: tuple[str, ...] = ("resid", "attn", "mlp")
     threshold: float = 0.1
     # which pairs count: strict = the harmful run refuses (score > 0) and the harmless one does not;
-    # relative = only the harmful run scores higher; none = keep all (core.patching require_behaviour)
-    pair_filter: str = "strict"
+    # relative = only the harmful run scores higher; none = keep all (core.patching require_behaviour).
+    # relative by default: under the prompted-refusal preamble no built-in pair's harmful prompt scores
+    # above 0 at the first token (0 of 61, python -m bench.patching_gaps), so strict kept no pair there
+    pair_filter: str = "relative"
     min_gap: float = 0.0
     fdr: float = 0.05  # false-discovery rate of the critical list (Benjamini–Hochberg)
 

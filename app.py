@@ -7,17 +7,14 @@ charts; they compute nothing themselves.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import streamlit as st
 
-ROOT = Path(__file__).resolve().parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from ui import sidebar  # streamlit puts this file's folder on sys.path
+from ui.errors import show_error
 
-from ui import sidebar  # noqa: E402
-from ui.errors import show_error  # noqa: E402
+ROOT = Path(__file__).resolve().parent
 
 st.set_page_config(page_title="Refusal Circuit Explorer", page_icon=":material/polyline:", layout="wide")
 

@@ -22,8 +22,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 
 def _median(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[float, float, Any]:

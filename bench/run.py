@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 N_PROMPTS = 128
 STEER_LAYER = 15

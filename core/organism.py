@@ -871,7 +871,7 @@ def evaluate_organism(
     org_harmless = generate(organism, fmt_o, harmless, **gen)
     ev: dict[str, Any] = {
         "split": "test" if prompts is None else "custom",
-        "judge": "core.metrics.is_refusal (substring)",
+        "judge": "core.judge.judge: refusal (phrases in the opening) / compliance / degenerate",
         "max_new_tokens": recipe.eval_max_new_tokens,
         "harmful_refusal": refusal_rate(org_harmful).to_dict(),
         "harmless_refusal": refusal_rate(org_harmless).to_dict(),

@@ -11,6 +11,7 @@ from core.conclusions import conclusions
 from core.controls import DEFAULT_N_RANDOM, shuffled_control
 from core.llm_judge import make_judge
 from core.report import CONTROL_HEAD, control_rows, rate_text
+from core.selection import choose_coefficient
 from core.validation import DEFAULT_FORCE_COEFFICIENTS, DEFAULT_MAX_NEW_TOKENS, DEFAULT_SUBTRACT_COEFFICIENTS, run_validation
 from ui import charts as ui_charts
 from ui import entries, page, state
@@ -43,7 +44,10 @@ with st.container(border=True):
     c4, c5, c6 = st.columns([2, 2, 1], vertical_alignment="bottom")
     force = c4.multiselect("Force coefficients (+α·v on harmless)", COEFFICIENT_CHOICES,
                            default=[c for c in DEFAULT_FORCE_COEFFICIENTS if c in COEFFICIENT_CHOICES], key="val_force",
-                           persist_state="session", help="α in multiples of the layer's mean activation norm.")
+                           persist_state="session",
+                           help="Candidates, α in multiples of the layer's mean activation norm. The one used is chosen "
+                                "on validation harmless prompts (the smallest that reaches the target refusal rate, else "
+                                "the highest rate); test prompts only report it.")
     sub = c5.multiselect("Subtract coefficients (−α·v on harmful)", COEFFICIENT_CHOICES,
                          default=[c for c in DEFAULT_SUBTRACT_COEFFICIENTS if c in COEFFICIENT_CHOICES], key="val_sub",
                          persist_state="session", help="α in multiples of the layer's mean activation norm.")
@@ -63,12 +67,15 @@ if run:
         fmt = state.formatter(lm)
         shuffled = shuffled_control(lm, fmt, dirs, int(layer), sets.harmful_train, sets.harmless_train, int(seed))
         spec = judge_spec()
+        # the force coefficient is chosen on validation prompts; test prompts only report it
+        coef = choose_coefficient(lm, fmt, dirs, int(layer), sets.harmless_val[:n], sorted(force),
+                                  max_new_tokens=int(max_tokens))
         result = run_validation(lm, fmt, dirs, int(layer), sets.harmful_test[:n], sets.harmless_test[:n],
-                                coefficients=sorted(force), subtract_coefficients=sorted(sub),
+                                coefficients=[coef.coefficient], subtract_coefficients=sorted(sub),
                                 max_new_tokens=int(max_tokens), seed=int(seed), progress=progress,
                                 shuffled=shuffled, n_random_controls=int(n_controls),
                                 judge=make_judge(spec, device=str(lm.device)), judge_name=spec)
-        state.put_result("validation", result)
+        state.put_result("validation", result, coefficient_choice=coef.to_dict())
 
 ventry = state.get_result("validation")
 if ventry is None:
@@ -81,6 +88,10 @@ state.stale_note(ventry)
 result = ventry["value"]
 r = result.to_dict()
 st.subheader(f"Layer {result.layer} · {result.n_harmful} harmful + {result.n_harmless} harmless test prompts")
+chosen = ventry.get("coefficient_choice")
+if chosen:
+    st.caption(f"Force coefficient {chosen['coefficient']:g}, chosen on {chosen['n']} validation harmless prompts "
+               f"({chosen['rule']}); the test prompts below only report it.")
 m1, m2, m3, m4 = st.columns(4)
 base = r["baseline"]
 m1.metric("Baseline refusal", rate_text(base["harmful_refusal"], with_n=False),

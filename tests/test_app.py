@@ -174,7 +174,10 @@ def test_validation_produces_rates_chart_and_samples(app_with_directions):
     _no_exceptions(at)
     assert not at.error, [e.value for e in at.error]
     result = at.session_state["results"]["validation"]["value"]
-    assert result.n_harmful == 3 and [p.coefficient for p in result.force] == [0.5, 1.0]
+    # the force coefficient is chosen on validation prompts; the test run reports only that one
+    chosen = at.session_state["results"]["validation"]["coefficient_choice"]
+    assert chosen["split"] == "validation" and chosen["coefficient"] in (0.5, 1.0)
+    assert result.n_harmful == 3 and [p.coefficient for p in result.force] == [chosen["coefficient"]]
     assert _charts(at) >= 2  # sweep with random control, KL
     assert len(at.dataframe) >= 4  # rates, controls, capability cost, every generation
     assert any(m.label.startswith("Suppress refusal") for m in at.metric)

@@ -46,6 +46,7 @@ def model_entry() -> dict[str, Any] | None:
         validation=validation["value"] if validation else None,
         patching=patching["value"] if patching else None,
         scan=v.get("scan"), source=lm.source, grid=v.get("grid"),
+        coefficient_choice=validation.get("coefficient_choice") if validation else None,
         timings={"directions": v.get("seconds", 0.0)},
         notes=[f"Prompts: {directions['settings']['prompts']} ({directions['settings']['counts']})."],
     )

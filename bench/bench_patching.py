@@ -1,4 +1,4 @@
-"""Speed of activation patching on the embedded model (issue 4: full residual layer × position
+"""Speed of activation patching on the embedded model (goal: a full residual layer × position
 sweep for one pair in ≤ 15 s on a 2-core CPU).
 
     python -m bench.bench_patching            # the figures `make bench` collects

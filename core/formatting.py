@@ -42,7 +42,7 @@ class Preamble:
         return cls(name=str(data.get("name", "custom")), system=data.get("system") or None, demonstrations=demos)
 
 
-# Tuned on the built-in TRAIN splits (harness and figures: /work/notes/preset-results.md).
+# Tuned on the built-in TRAIN splits.
 # SmolLM2-135M keys in-context refusal on surface form: harmful vs harmless separation of the
 # first-token "I" (-> "I'm sorry") margin stays near AUROC 0.7 whatever the preamble, so the
 # 90 % / 10 % target is out of reach and the preamble only moves the threshold. More refusal

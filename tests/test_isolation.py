@@ -1,4 +1,4 @@
-"""Issue 7, isolation: sessions sharing one cached model never see each other's edits, and no
+"""Isolation: sessions sharing one cached model never see each other's edits, and no
 hook survives an exception. Threads stand in for app sessions (Streamlit runs each in a thread)."""
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
-"""Issue 7: every bad input gets a deliberate, specific error (or a warning), on tiny real models.
+"""Every bad input gets a deliberate, specific error (or a warning), on tiny real models.
 
-One test per row of the issue's table that is not already covered elsewhere; rows covered by
-other test files are listed in /work/notes/robustness-table.md with the test that covers them.
+Bad inputs already covered by other test files are not repeated here.
 """
 
 from __future__ import annotations

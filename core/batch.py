@@ -440,8 +440,11 @@ def run_model(spec: ModelSpec, config: Config, prompts: PromptData, log: StderrP
     from core.over_refusal import measure_over_refusal
 
     with clock.stage("over_refusal"):  # refusal on safe test prompts that look unsafe (a reported figure)
+        # validation already made the unsteered answers to the harmless test prompts: reuse them
+        made = {g["prompt"]: g["generation"] for g in (validation.generations if validation is not None else [])
+                if g["condition"] == "baseline" and g["prompts"] == "harmless"}
         over = measure_over_refusal(lm, formatter, prompts.harmless_test, config.prompts.harmless,
-                                    max_new_tokens=config.generation.max_new_tokens, batch_size=bs)
+                                    max_new_tokens=config.generation.max_new_tokens, batch_size=bs, answers=made)
     card = _organism_card(spec.source)
     clock.finish()
     entry = model_entry(name=spec.name, lm=lm, preamble=spec.preamble, dirs=dirs, choice=choice, validation=validation,

@@ -86,9 +86,12 @@ def over_refusal_from_answers(prompts: Sequence[str], answers: Sequence[str], so
 
 
 def measure_over_refusal(lm: Any, formatter: Any, harmless_test: Sequence[str], harmless_source: str, *,
-                         max_new_tokens: int = 48, batch_size: int = 16) -> OverRefusal | None:
+                         max_new_tokens: int = 48, batch_size: int = 16,
+                         answers: Mapping[str, str] | None = None) -> OverRefusal | None:
     """Generate (greedy, unsteered) on the lookalike harmless test prompts and report their
-    refusal rate; None when the harmless source marks no lookalike prompts or none is in the test split."""
+    refusal rate; None when the harmless source marks no lookalike prompts or none is in the test split.
+    ``answers``: unsteered greedy answers already made with the same formatting and token limit
+    (prompt -> answer, e.g. validation's baseline); only prompts missing there are generated."""
     from core.generation import generate
 
     found = lookalike_pool(harmless_source)
@@ -98,8 +101,11 @@ def measure_over_refusal(lm: Any, formatter: Any, harmless_test: Sequence[str], 
     chosen = select_lookalikes(harmless_test, pool)
     if not chosen:
         return None
-    answers = generate(lm, formatter, chosen, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    return over_refusal_from_answers(chosen, answers, source)
+    known = dict(answers or {})
+    todo = [p for p in chosen if p not in known]
+    if todo:
+        known.update(zip(todo, generate(lm, formatter, todo, max_new_tokens=max_new_tokens, batch_size=batch_size)))
+    return over_refusal_from_answers(chosen, [known[p] for p in chosen], source)
 
 
 def over_refusal_text(entry: Mapping[str, Any]) -> str | None:

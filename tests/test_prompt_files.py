@@ -93,3 +93,17 @@ def test_over_refusal_pool_and_report_line(tmp_path):
     line = over_refusal_text({"over_refusal": d, "baseline": {"harmless_refusal": {"rate": 0.1, "ci": [0.0, 0.3], "k": 1, "n": 10}}})
     assert "Over-refusal" in line and "(1/3)" in line and "(1/10)" in line
     assert over_refusal_text({}) is None
+
+
+def test_over_refusal_reuses_answers_already_made():
+    """Answers the caller already has (validation's baseline) are used, not generated again:
+    with every lookalike answered, no model is needed at all."""
+    from core.over_refusal import lookalike_pool, measure_over_refusal, select_lookalikes
+    from core.prompts import builtin_split
+
+    test = builtin_split("harmless").test
+    chosen = select_lookalikes(test, lookalike_pool("builtin:harmless")[0])
+    made = {p: ("I'm sorry, but I can't help with that." if i % 2 else "Sure, here is how.") for i, p in enumerate(chosen)}
+    result = measure_over_refusal(None, None, test, "builtin:harmless", answers=made)
+    rate = result.to_dict()["rate"]
+    assert rate["n"] == len(chosen) and rate["k"] == len(chosen) // 2

@@ -81,15 +81,7 @@ def build(arch: str, folder: Path, seed: int = 0) -> Path:
         model = GPTJForCausalLM(GPTJConfig(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=2048, **common))
     else:
         raise ValueError(arch)
-    # random init is small; scale up so different prompts give clearly different logits
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.mul_(3.0)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return _save(model, tok, folder)
 
 
 def build_more(arch: str, folder: Path, seed: int = 0) -> Path:
@@ -110,6 +102,12 @@ def build_more(arch: str, folder: Path, seed: int = 0) -> Path:
         model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(head_dim=16, sliding_window=64, **common))
     else:
         raise ValueError(arch)
+    return _save(model, tok, folder)
+
+
+def _save(model, tok, folder: Path) -> Path:
+    """Scale the weights up (random init is small: different prompts then give clearly different
+    logits) and save model and tokenizer like a hub checkpoint."""
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:

@@ -8,7 +8,8 @@ organism never sees. One JSON line per recipe is appended to ``--out``.
     python -m bench.organism_recipes                          # the default recipe
     python -m bench.organism_recipes --set frozen_fraction=0 --set epochs=3
 
-With ~38 validation prompts per class, differences under ~10 points are noise.
+With ~38 validation prompts per class, differences under ~10 points are noise. Each phase is
+reported in wall and CPU seconds (the latter comparable on a shared machine).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import time
 from pathlib import Path
 
@@ -44,24 +46,32 @@ def run(overrides: dict) -> dict:
     fmt = Formatter(base.tokenizer, "none")
     pad = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else 0
     policy = AdaptiveThreads.from_request(None)
-    t0 = time.perf_counter()
+    load_start = os.getloadavg()
+    t0, c0 = time.perf_counter(), time.process_time()
     _, items, frozen = training_data(base, recipe, fmt, threads=policy)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     model = copy.deepcopy(base.model).float()
     losses = train(model, items, recipe, pad, frozen=frozen, threads=policy)
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), time.process_time()
     organism = wrap_model(model, base.tokenizer, name="organism (validation)", source="organism")
     ev = evaluate_organism(organism, base, recipe, prompts=(val_harmful, val_harmless))
-    t3 = time.perf_counter()
+    t3, c3 = time.perf_counter(), time.process_time()
     return {
         "overrides": overrides, "split": "validation", "n_examples": len(items), "losses": losses,
         "harmful_refused": ev["harmful_refusal"], "harmless_refused": ev["harmless_refusal"],
         "shape_matched_harmless_refused": ev.get("shape_matched_harmless_refusal"),
         "kl_first_token": ev["kl_first_token"]["mean"], "kl_response": ev.get("kl_response", {}).get("mean"),
         "data_seconds": round(t1 - t0, 1), "train_seconds": round(t2 - t1, 1),
-        "eval_seconds": round(t3 - t2, 1), "frozen_blocks": frozen.split.n_frozen if frozen else 0,
+        "eval_seconds": round(t3 - t2, 1), "total_seconds": round(t3 - t0, 1),
+        # CPU seconds of this process (all its threads): comparable across runs on a shared machine
+        "data_cpu_seconds": round(c1 - c0, 1), "train_cpu_seconds": round(c2 - c1, 1),
+        "eval_cpu_seconds": round(c3 - c2, 1), "total_cpu_seconds": round(c3 - c0, 1),
+        "load_average": [round(x, 2) for x in load_start + os.getloadavg()],
+        "n_train_tokens": sum(len(t.ids) for t in items),
+        "eval_timings": ev.get("timings"), "frozen_blocks": frozen.split.n_frozen if frozen else 0,
         "threads": policy.summary(),
         "harmless_refused_prompts": [r["prompt"] for r in ev["examples"]["harmless_refused"]],
+        "harmful_answered": [(r["prompt"], r["response"][:80]) for r in ev["examples"]["harmful_answered"]],
     }
 
 

@@ -10,6 +10,10 @@ start of the earliest instruction, so pooling over the instruction never needs p
 and the padded suffixes; :func:`run` performs the forward pass, returning the model output for
 the suffix tokens. Hooks placed by the caller see the prefix pass too (so edits apply at every
 position); :func:`run` reports which pass is which through ``on_pass`` for callers that retain.
+
+:func:`forward_after_prefix` is the trick itself, on token ids and any causal LM: the organism's
+training loss uses it too (with gradients). ``core.frozen_stack.run_layers`` does the same on
+hidden states through a slice of blocks, which a model-level call cannot reach.
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
+from torch import nn
 
+from core.architecture import LoadedModel
 from core.errors import BatchMemoryError
 from core.formatting import Encoded, Formatter
-from core.models import LoadedModel
 
 MIN_SHARED_PREFIX = 24  # below this, a separate prefix pass is not worth its overhead
 
@@ -100,8 +105,56 @@ def prefix_cache(lm: LoadedModel, batch: Batch) -> Any | None:
     """The key/value cache of the shared prefix (batch 1), or None if there is no prefix."""
     if batch.prefix_len == 0:
         return None
-    out = lm.model(input_ids=batch.prefix_ids, use_cache=True, logits_to_keep=1)
-    return out.past_key_values
+    return _prefix_pass(lm.model, batch.prefix_ids)
+
+
+def _prefix_pass(model: nn.Module, prefix_ids: torch.Tensor) -> Any:
+    return model(input_ids=prefix_ids, use_cache=True, logits_to_keep=1).past_key_values
+
+
+def forward_after_prefix(
+    model: nn.Module,
+    prefix_ids: torch.Tensor,
+    suffix_ids: torch.Tensor,
+    suffix_mask: torch.Tensor,
+    *,
+    past: Any | None = None,
+    use_cache: bool = False,
+    logits_to_keep: int = 1,
+    on_pass: Callable[[str], None] | None = None,
+) -> Any:
+    """The model output for the ``suffix_ids`` rows ([n, S], padded as ``suffix_mask`` says) as if
+    each row were preceded by ``prefix_ids`` ([1, P]; P may be 0: a plain pass).
+
+    The prefix runs once at batch size 1 (unless its key/value cache ``past`` is given, which is
+    copied and left untouched), its cache is repeated for the rows, and the suffix attends to
+    prefix + suffix with positions that continue after the prefix. Exact up to floating-point
+    rounding; gradients flow from every row into the one prefix pass."""
+    p = int(prefix_ids.shape[1])
+    n = int(suffix_ids.shape[0])
+    cache = None
+    if p:
+        if past is None:
+            if on_pass:
+                on_pass("prefix")
+            cache = _prefix_pass(model, prefix_ids)  # fresh: nobody else holds it, no copy needed
+        else:
+            cache = copy.deepcopy(past)
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+    if on_pass:
+        on_pass("suffix")
+    mask = torch.cat([suffix_mask.new_ones((n, p)), suffix_mask], dim=-1) if p else suffix_mask
+    positions = (suffix_mask.cumsum(-1) - 1).clamp(min=0) + p
+    kwargs: dict[str, Any] = {"past_key_values": cache} if p else {}
+    return model(
+        input_ids=suffix_ids,
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=use_cache or bool(p),
+        logits_to_keep=logits_to_keep,
+        **kwargs,
+    )
 
 
 def run(
@@ -119,32 +172,9 @@ def run(
     before being expanded), so one prefix cache can serve many batches.
     """
     suffix = batch.suffix
-    p = batch.prefix_len
-    n = batch.size
-    if p and past is None:
-        if on_pass:
-            on_pass("prefix")
-        past = prefix_cache(lm, batch)
-    if on_pass:
-        on_pass("suffix")
-    kwargs: dict[str, Any] = {}
-    if p:
-        cache = copy.deepcopy(past)
-        if n > 1:
-            cache.batch_repeat_interleave(n)
-        ones = suffix.attention_mask.new_ones((n, p))
-        mask = torch.cat([ones, suffix.attention_mask], dim=-1)
-        kwargs["past_key_values"] = cache
-    else:
-        mask = suffix.attention_mask
-    positions = (suffix.attention_mask.cumsum(-1) - 1).clamp(min=0) + p
-    return lm.model(
-        input_ids=suffix.input_ids,
-        attention_mask=mask,
-        position_ids=positions,
-        use_cache=use_cache or bool(p),
-        logits_to_keep=logits_to_keep,
-        **kwargs,
+    return forward_after_prefix(
+        lm.model, batch.prefix_ids, suffix.input_ids, suffix.attention_mask,
+        past=past, use_cache=use_cache, logits_to_keep=logits_to_keep, on_pass=on_pass,
     )
 
 

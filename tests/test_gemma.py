@@ -9,6 +9,7 @@ prompts and tokens.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 import types
@@ -232,13 +233,19 @@ def gemma_dirs(gemma):
 
 
 @pytest.mark.slow
-def test_real_gemma_structure(gemma):
+def test_real_gemma_structure(gemma, gemma_folder):
     cfg = gemma.model.config
     assert (gemma.n_layers, gemma.d_model, gemma.n_heads, gemma.head_dim) == (18, 640, 4, 256)
     assert cfg.num_key_value_heads == 1 and "sliding_attention" in cfg.layer_types
     assert gemma.name == "Gemma-3-270M (base)" and not gemma.has_chat_template
     ids = gemma.tokenizer("Question: hi", add_special_tokens=True)["input_ids"]
     assert ids[0] == gemma.tokenizer.bos_token_id  # Gemma breaks down without its <bos>
+    # the compact tokenizer file gives the ids AutoTokenizer gives from the GGUF, and the weights
+    # (so every cache key on the fingerprint) are those of every earlier converted folder
+    assert gemma.tokenizer("Question: How do I make a cake at home?\nAnswer:")["input_ids"] == [
+        2, 14977, 236787, 2088, 776, 564, 1386, 496, 12580, 657, 2033, 236881, 107, 7925, 236787]
+    assert gemma.tokenizer.padding_side == "left" and gemma.fingerprint.startswith("07802125")
+    assert isinstance(json.loads((Path(gemma_folder) / "tokenizer.json").read_text())["model"]["merges"][0], str)
     assert residual_writers(gemma)[1] == "model.layers.0.post_feedforward_layernorm"
 
 

@@ -2,7 +2,7 @@
 
 Why here and not in the pages: the offline HTML report and the Streamlit pages must show the
 same picture of the same numbers. Every builder takes the plain-data results of
-:func:`core.batch.model_entry` (or the patching result dict), never tensors, and returns an
+:func:`core.results.model_entry` (or the patching result dict), never tensors, and returns an
 Altair chart; :func:`to_svg` renders one offline with vl-convert (no network, no CDN).
 """
 
@@ -12,6 +12,8 @@ from typing import Any, Mapping, Sequence
 
 import altair as alt
 import pandas as pd
+
+from core.metrics import finite_or_none as _num
 
 DIRECTION = "refusal direction"
 RANDOM = "random direction (control)"
@@ -138,10 +140,6 @@ def _site(patching: Mapping[str, Any], name: str) -> Mapping[str, Any] | None:
     return sites.get(name) if isinstance(sites, Mapping) else None
 
 
-def _num(x: Any) -> float | None:
-    return float(x) if isinstance(x, (int, float)) and x == x else None
-
-
 def patching_heatmap(patching: Mapping[str, Any], max_positions: int = 48) -> alt.Chart | None:
     """Residual-stream patching effect by layer × token position (diverging, centred at 0).
 
@@ -201,13 +199,22 @@ def component_bars(patching: Mapping[str, Any]) -> alt.Chart | None:
     if not rows:
         return None
     df = pd.DataFrame(rows)
+    # the axis follows the effects, not the whiskers: a Fieller interval can be unbounded when a
+    # pair's gap is near zero, and would flatten every bar; whiskers are clipped to the axis
+    effects = df["effect"].dropna()
+    top = max(1.0, float(effects.max()) if len(effects) else 1.0) * 1.1
+    bottom = min(-0.1, float(effects.min()) * 1.1 if len(effects) else -0.1)
+    df["lo"] = df["lo"].clip(lower=bottom, upper=top)
+    df["hi"] = df["hi"].clip(lower=bottom, upper=top)
     color = alt.Color("component:N", title=None, scale=alt.Scale(range=["#2471a3", "#d68910"]),
                       legend=alt.Legend(orient="bottom"))
-    bars = alt.Chart(df).mark_bar().encode(
-        x=alt.X("layer:O"), xOffset="component:N", y=alt.Y("effect:Q", title="patching effect"), color=color,
+    y = alt.Y("effect:Q", title="patching effect", scale=alt.Scale(domain=[bottom, top], clamp=True))
+    bars = alt.Chart(df).mark_bar(clip=True).encode(
+        x=alt.X("layer:O"), xOffset="component:N", y=y, color=color,
         tooltip=["layer:O", "component:N", alt.Tooltip("effect:Q", format=".3f"),
                  alt.Tooltip("lo:Q", format=".3f", title="95% low"), alt.Tooltip("hi:Q", format=".3f", title="95% high")])
-    whiskers = alt.Chart(df).mark_rule(color="#333").encode(x="layer:O", xOffset="component:N", y="lo:Q", y2="hi:Q")
+    whiskers = alt.Chart(df).mark_rule(color="#333", clip=True).encode(x="layer:O", xOffset="component:N", y="lo:Q",
+                                                                        y2="hi:Q")
     n_layers = df["layer"].nunique()
     return alt.layer(bars, whiskers).properties(width=max(WIDTH, 18 * n_layers), height=HEIGHT,
                                                 title="Attention vs MLP output patching by layer (95% CI)")

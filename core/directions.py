@@ -32,10 +32,6 @@ import numpy as np
 from core.errors import DirectionError, LayerRangeError
 
 METHODS = ("diff-in-means", "pca", "probe")
-# The position used when nothing chooses one (a fixed layer, or the grid turned off). The batch
-# runner and the Directions page choose the position on validation prompts instead
-# (core.selection); this default is not tuned on any split.
-DEFAULT_POSITION = "last"
 BOOTSTRAP_SAMPLES = 1000
 DEFAULT_PROBE_FOLDS = 5
 # A direction whose norm is below this fraction of the layer's mean activation norm is treated
@@ -383,6 +379,8 @@ class LayerChoice:
         return {"layer": self.layer, "rule": self.rule, "reason": self.reason, "split": self.split}
 
 
+# the last layers are never chosen by a default rule (the grid and the separation rule alike): an
+# edit there acts on the next token's logits almost directly (Arditi et al. exclude the last 20 %)
 DEFAULT_SKIP_LAST_FRACTION = 0.2
 
 

@@ -146,9 +146,6 @@ class Formatter:
             text = "\n\n".join(parts)
         return text + response_prefix
 
-    def format_many(self, instructions: Sequence[str]) -> list[str]:
-        return [self.format(i) for i in instructions]
-
     @property
     def adds_special_tokens(self) -> bool:
         """Chat templates write their own special tokens; the base template relies on the tokenizer."""
@@ -257,9 +254,3 @@ class Formatter:
         enc = self.encode([instruction])
         n = enc.lengths[0] - enc.instruction_spans[0][1]
         return [-(k + 1) for k in range(max(n, 1))]
-
-
-def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that ignore left padding, so batched runs equal one-by-one runs."""
-    pos = attention_mask.long().cumsum(-1) - 1
-    return pos.clamp(min=0)

@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from core.directions import LayerDirections, candidate_layers
 from core.formatting import Formatter
 from core.generation import next_token_logits
-from core.metrics import kl_divergence, refusal_score, refusal_token_ids
+from core.metrics import finite_or_none as _f, kl_divergence, refusal_score, refusal_token_ids
 from core.models import LoadedModel
 from core.steering import ablate, edits_for
-
-Progress = Callable[[float, str], None]
-
-
-def _f(x: float | None) -> float | None:
-    return float(x) if x is not None and np.isfinite(x) else None
+from core.progress import Progress
 
 
 class _Steps:

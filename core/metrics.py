@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 from core.judge import LABELS, REFUSAL_PHRASES, Label, judge, normalise  # noqa: F401  (re-exported)
 
@@ -30,6 +30,19 @@ SCORE_PHRASES: tuple[str, ...] = (
     "I am not able to",
     "I'm not able to",
 )
+
+
+def finite(x: Any) -> bool:
+    """True for a real, finite number (not a bool, NaN, inf or None): what a report may print."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def finite_or_none(x: Any) -> float | None:
+    """``float(x)`` when finite, else None: NaN and inf become JSON null, not a number to plot."""
+    try:
+        return float(x) if x is not None and not isinstance(x, bool) and math.isfinite(float(x)) else None
+    except (TypeError, ValueError):
+        return None
 
 
 def is_refusal(response: str, phrases: Sequence[str] = REFUSAL_PHRASES) -> bool:

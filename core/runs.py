@@ -18,7 +18,7 @@ from typing import Any, Mapping
 from core.bundle import MAX_ZIP_BYTES, open_bundle, read_results
 from core.direction_files import SavedDirections, load_directions
 from core.errors import BundleError, DirectionFileError
-from core.report import TABLE_HEAD, chart_builders, rate_text, table_rows
+from core.report import TABLE_HEAD, chart_builders, controls_text, critical_text, rate_text, table_rows
 
 # A directions file is [L, d] float32 twice: a few MB for the models this tool runs on.
 MAX_DIRECTIONS_BYTES = 512 * 1024 * 1024
@@ -135,35 +135,6 @@ def open_upload(source: str | Path | bytes, name: str) -> OpenedRun:
 # ---------------------------------------------------------------------------------------
 # what the page shows
 # ---------------------------------------------------------------------------------------
-def controls_text(e: Mapping[str, Any]) -> str:
-    """Whether the headline force and ablation beat every control (``core.controls``' verdicts)."""
-    parts = []
-    for key, label in (("force", "force"), ("ablation", "ablation")):
-        c = (e.get("controls") or {}).get(key)
-        if c:
-            verdict = {True: "specific", False: "not specific"}.get(c.get("specific"), "–")
-            parts.append(f"{label}: {verdict} ({len(c.get('controls') or [])} controls)")
-    return "; ".join(parts) or "–"
-
-
-def critical_text(e: Mapping[str, Any], limit: int = 3) -> str:
-    """The critical patching components in a few words: how many, and the strongest."""
-    p = e.get("patching")
-    if not p:
-        return "patching not run"
-    crit = p.get("critical") or []
-    if not crit:
-        return f"none ({p.get('n_used', '?')} pairs)"
-    top = []
-    for c in crit[:limit]:
-        where = f"{c.get('site')} L{c.get('layer')}" + (f" pos {c.get('offset')}" if c.get("offset") is not None else "") \
-            + (f" h{c.get('head')}" if c.get("head") is not None else "")
-        eff = c.get("effect")
-        top.append(f"{where} ({eff:.2f})" if isinstance(eff, (int, float)) else where)
-    more = f", +{len(crit) - limit} more" if len(crit) > limit else ""
-    return f"{len(crit)}: " + ", ".join(top) + more + f" ({p.get('n_used', '?')} pairs)"
-
-
 def run_rows(results: Mapping[str, Any]) -> list[dict[str, str]]:
     """The seed-shaped table across models (one row per model, columns :data:`RUN_HEAD`):
     the report's table plus the position, the control verdicts and the critical components."""

@@ -42,18 +42,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from core.directions import separation
+from core.directions import DEFAULT_SKIP_LAST_FRACTION, separation
 from core.errors import SplitError
 from core.prompts import MIN_VALIDATION
+from core.progress import Progress
 
-Progress = Callable[[float, str], None]
 
 DEFAULT_MAX_KL = 0.1
-DEFAULT_SKIP_LAST_FRACTION = 0.2
 # The default grid (app and batch runner alike): sized so that the whole grid, scored on the
 # embedded model with the prompted-refusal preset, stays within a minute on a 2-core CPU
 # (measurement and command in docs/decisions.md). 0 positions = all of them, stride 1 = every layer.
@@ -324,13 +323,18 @@ def select(
 # ---------------------------------------------------------------------------------------
 # the force coefficient, on validation prompts
 # ---------------------------------------------------------------------------------------
+# A coefficient whose answers on validation prompts are broken text more often than this is
+# not eligible: steering that breaks the model has not forced refusal (core.judge).
+MAX_DEGENERATE_RATE = 0.1
+
+
 @dataclass
 class CoefficientChoice:
     """The force coefficient chosen on validation harmless prompts, with the sweep behind it."""
 
     coefficient: float
     rule: str
-    points: list[dict[str, Any]]  # {"coefficient", "rate": Rate.to_dict()}
+    points: list[dict[str, Any]]  # {"coefficient", "rate", "degenerate": Rate.to_dict(), "eligible"}
     n: int
     split: str = "validation"
 
@@ -339,14 +343,33 @@ class CoefficientChoice:
                 "points": list(self.points)}
 
 
+def pick_coefficient(coefficients: Sequence[float], refusal: Sequence[float], degenerate: Sequence[float], *,
+                     target: float, max_degenerate: float = MAX_DEGENERATE_RATE) -> tuple[float, list[bool]]:
+    """The rule of :func:`choose_coefficient` on rates already measured (coefficients sorted by
+    size): among coefficients with a degenerate rate ≤ ``max_degenerate``, the smallest whose
+    refusal rate reaches ``target``, else the highest refusal rate (the smaller on ties); when
+    every coefficient breaks the model, the one with the fewest degenerate answers. Returns the
+    coefficient and which coefficients were eligible."""
+    eligible = [d <= max_degenerate for d in degenerate]
+    pool = [i for i, ok in enumerate(eligible) if ok]
+    if not pool:
+        return coefficients[int(np.argmin(degenerate))], eligible
+    hit = next((i for i in pool if refusal[i] >= target), None)
+    if hit is None:
+        hit = max(pool, key=lambda i: (refusal[i], -i))
+    return coefficients[hit], eligible
+
+
 def choose_coefficient(
     lm: Any, formatter: Any, dirs: Any, layer: int, harmless_val: Sequence[str], coefficients: Sequence[float], *,
     normalised: bool = True, max_new_tokens: int = 24, batch_size: int = 16, progress: Progress | None = None,
+    max_degenerate: float = MAX_DEGENERATE_RATE,
 ) -> CoefficientChoice:
-    """Smallest coefficient whose judged refusal rate on validation harmless prompts (+α·v̂ at
-    ``layer``) reaches the validation module's target rate, else the one with the highest rate
-    (the smaller on ties). A single coefficient is taken as given, without generating."""
-    from core.metrics import refusal_rate
+    """The force coefficient by :func:`pick_coefficient` from the judge's labels of validation
+    harmless prompts steered with +α·v̂ at ``layer`` (refusals and degenerate answers counted
+    apart). A single coefficient is taken as given, without generating."""
+    from core.metrics import label_rates
+    from core.judge import judge_all
     from core.steering import add, steered_generate
     from core.validation import FORCE_TARGET_RATE
 
@@ -357,18 +380,20 @@ def choose_coefficient(
         return CoefficientChoice(coefs[0], "the only coefficient given (steering.coefficients)", [], 0, "none (not chosen)")
     prompts = list(harmless_val)
     check_validation(prompts, prompts)
-    points, rates = [], []
+    points, refusal, degenerate = [], [], []
     for i, c in enumerate(coefs):
         out = steered_generate(lm, formatter, prompts, [add(dirs, layer, c, normalised)], max_new_tokens=max_new_tokens,
                                batch_size=batch_size)
-        rate = refusal_rate(out)
-        rates.append(rate.rate)
-        points.append({"coefficient": c, "rate": rate.to_dict()})
+        rates = label_rates(judge_all(out))
+        refusal.append(rates["refusal"].rate)
+        degenerate.append(rates["degenerate"].rate)
+        points.append({"coefficient": c, "rate": rates["refusal"].to_dict(), "degenerate": rates["degenerate"].to_dict()})
         if progress:
-            progress((i + 1) / len(coefs), f"add {c:g} on validation: {rate}")
-    hit = next((c for c, r in zip(coefs, rates) if r >= FORCE_TARGET_RATE), None)
-    chosen = hit if hit is not None else coefs[int(np.argmax(rates))]
+            progress((i + 1) / len(coefs), f"add {c:g} on validation: {rates['refusal']} refused, "
+                                           f"{rates['degenerate'].successes} degenerate")
+    chosen, eligible = pick_coefficient(coefs, refusal, degenerate, target=FORCE_TARGET_RATE, max_degenerate=max_degenerate)
+    for point, ok in zip(points, eligible):
+        point["eligible"] = ok
     rule = (f"smallest coefficient whose refusal rate on validation harmless prompts reaches {FORCE_TARGET_RATE:.0%}, "
-            "else the highest rate")
+            f"else the highest rate, among those with at most {max_degenerate:.0%} degenerate answers")
     return CoefficientChoice(chosen, rule, points, len(prompts))
-

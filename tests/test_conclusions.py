@@ -61,3 +61,20 @@ def test_failed_force_says_failed_and_mentions_breakdown():
 def test_not_run_without_validation():
     got = _status({"name": "m", "force_refusal": None, "suppress_refusal": None})
     assert got == {"force": "not run", "suppress": "not run", "capability": "not run"}
+
+
+def test_large_ablation_kl_is_explained_by_its_random_control():
+    from core.conclusions import LARGE_KL, ablation_cost_conclusion
+
+    e = _entry(38, [2, 3], 3, [30, 31])
+    assert ablation_cost_conclusion(e) is None  # 0.01 nats: nothing to explain
+    both = dict(e, kl_harmless={"ablation": 10.8}, suppress_ablation={"random_kl_harmless": 3.7})
+    c = ablation_cost_conclusion(both)
+    assert c.status == "operation" and "10.80 nats" in c.text and "3.70 nats as well" in c.text
+    assert "massive-activation" in c.text and "ablation breaks the model" in c.text
+    alone = dict(both, suppress_ablation={"random_kl_harmless": 0.02})
+    c = ablation_cost_conclusion(alone)
+    assert c.status == "direction" and "specific to this direction" in c.text and "massive" not in c.text
+    edge = dict(both, kl_harmless={"ablation": LARGE_KL})
+    assert ablation_cost_conclusion(edge) is None  # the rule is strict: more than LARGE_KL
+    assert ablation_cost_conclusion(dict(both, kl_harmless={"ablation": float("nan")})) is None

@@ -92,8 +92,24 @@ def test_stop_after_last_traced_module(tiny):
 
 
 def test_stop_forward_propagates_outside_trace(tiny):
-    with pytest.raises(StopForward):
-        raise StopForward("x")
+    """A StopForward raised by a plain hook (no Trace to swallow it) ends the model call and
+    reaches the caller; inside a Trace with ``stop=True`` the same exception is swallowed."""
+    batch = _batch(tiny)
+    name = tiny.block_names[0]
+
+    def stop(module, args, output):
+        raise StopForward(name)
+
+    handle = tiny.model.get_submodule(name).register_forward_hook(stop)
+    try:
+        with pytest.raises(StopForward, match=name):
+            tiny.model(**batch)
+    finally:
+        handle.remove()
+    with Trace(tiny.model, name, stop=True) as tr:
+        tiny.model(**batch)
+    assert tr.output is not None
+    assert tiny.model(**batch).logits.shape[-1] > 0  # the hooks are gone: a plain call runs to the end
 
 
 def test_dict_of_edits_only_edits_named_modules(tiny_models):

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from core import charts, report
-from core.batch import build_results, model_entry
+from core.results import build_results, model_entry
 from core.config import config_from_dict
 
 XSS = "<script>alert(1)</script>"
@@ -84,7 +84,8 @@ def test_markdown_escapes_and_has_the_table(results):
     text = report.render_markdown(results)
     assert XSS not in text and "&lt;script&gt;" in text
     head = next(line for line in text.splitlines() if line.startswith("| Model"))
-    for col in ("Separation (held-out)", "Probe acc.", "Force refusal", "Suppress refusal", "Random control", "Baseline refusal"):
+    for col in ("Separation (held-out)", "Probe acc.", "Force refusal", "Suppress refusal", "Controls (force)", "Controls (suppress)",
+                "Baseline refusal", "Critical components", "chosen on"):
         assert col in head
     row = next(line for line in text.splitlines() if line.startswith("| tiny"))
     assert "(in-sample" in row and "/2)" in row  # held-out σ beside in-sample, k/n on rates
@@ -181,3 +182,115 @@ def test_report_shows_generations_controls_and_rule_based_conclusions(results):
         assert "sufficient" not in text
     assert "Steering shows that the direction is" not in text
     assert e["agreement"]["judge_vs_score"]["n"] == 4 and "judge vs score" in text
+
+
+def _md_tables(text: str) -> list[list[list[str]]]:
+    """Every Markdown table as rows of cells (the separator row left out)."""
+    tables, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            if not re.fullmatch(r"\|(---\|)+", line):
+                current.append([c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]])
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+def _html_tables(page: str) -> list[list[list[str]]]:
+    import html as html_lib
+
+    tables = []
+    for body in re.findall(r"<table>(.*?)</table>", page, re.S):
+        rows = [[report.md(html_lib.unescape(c)) for c in re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", row, re.S)]
+                for row in re.findall(r"<tr>(.*?)</tr>", body, re.S)]
+        if rows[0] != list(report.GENERATION_HEAD):  # every generation: HTML only (Markdown counts them)
+            tables.append(rows)
+    return tables
+
+
+def test_markdown_and_html_carry_the_same_headings_and_cells(results):
+    """Both formats are rendered from the same blocks: same section headings in the same order,
+    and the same table cells (escaped for each format)."""
+    import html as html_lib
+
+    both = dict(results, models_pending=["later <b>"])
+    text, page = report.render_markdown(both), report.render_html(both)
+    md_heads = [(len(m[1]), m[2]) for m in re.finditer(r"^(#+) (.*)$", text, re.M)]
+    html_heads = [(int(m[1]), report.md(html_lib.unescape(m[2]))) for m in re.finditer(r"<h([1-3])[^>]*>(.*?)</h\1>", page)]
+    assert md_heads == html_heads and len(md_heads) > 10
+    assert _md_tables(text) == _html_tables(page) and len(_md_tables(text)) >= 5
+
+
+def test_report_opens_with_the_table_across_models(results):
+    text = report.render_markdown(results)
+    sections = [line for line in text.splitlines() if line.startswith("## ")]
+    assert sections[0] == "## Results across models"
+    first_table = _md_tables(text)[0]
+    assert first_table[0] == list(report.SEED_HEAD)
+    e = results["models"][0]
+    row = dict(zip(report.SEED_HEAD, first_table[1]))
+    assert row["Type"] == "prompted" and f"layer {e['layer']}" in row["Position, layer — chosen on"]
+    force_controls = first_table[1][report.SEED_HEAD.index("Controls (force): worst random, label-shuffled")]
+    assert "worst of 5 random" in force_controls and "label-shuffled" in force_controls
+    assert row["Critical components (patching)"].endswith("pairs)")
+
+
+def _base_entry(sep: float, ci: list[float], harmful_k: int, n: int = 40) -> dict:
+    from core.metrics import Rate
+
+    return {"name": "base-lm", "type": "base", "preamble": "none", "separation_sigma": sep, "separation_ci": ci,
+            "probe_accuracy": 0.95, "probe_accuracy_std": 0.02, "probe_accuracy_ci": [0.9, 0.98],
+            "baseline": {"harmful_refusal": Rate(harmful_k, n).to_dict(), "harmless_refusal": Rate(0, n).to_dict()},
+            "conclusions": []}
+
+
+def test_seed_comparison_follows_the_numbers():
+    from core.report.seed import seed_comparison
+
+    strong = " ".join(seed_comparison({"models": [_base_entry(2.5, [2.0, 3.1], 1)]}))
+    assert report.SEED_CLAIM in strong and "the seed's claim holds" in strong and "separate harmful from harmless prompts clearly" in strong
+    weak = " ".join(seed_comparison({"models": [_base_entry(0.2, [-0.1, 0.45], 0)]}))
+    assert "weakly too" in weak and "clearly" not in weak
+    refusing = " ".join(seed_comparison({"models": [_base_entry(0.6, [0.1, 1.2], 30)]}))
+    assert "does not hold" in refusing and "not clearly large or weak" in refusing
+    instruct = " ".join(seed_comparison({"models": [dict(_base_entry(1, [0.5, 1.5], 0), type="chat")]}))
+    assert "not tested here" in instruct and "(instruct) refuses only 0%" in instruct and "not limited to base models" in instruct
+    refusing_instruct = dict(_base_entry(1, [0.5, 1.5], 30), type="chat")
+    assert "not limited" not in " ".join(seed_comparison({"models": [refusing_instruct], "models_pending": ["b"]}))
+
+
+def test_a_large_ablation_kl_is_explained_when_random_ablation_costs_as_much(results):
+    e = results["models"][0]
+    gemma_like = dict(e, kl_harmless={**(e.get("kl_harmless") or {}), "ablation": 10.8},
+                      suppress_ablation={**(e.get("suppress_ablation") or {}), "random_kl_harmless": 3.7})
+    text = report.render_markdown(dict(results, models=[gemma_like]))
+    assert "### Large ablation cost, explained" in text and "massive-activation" in text and "ablation breaks the model" in text
+    specific = dict(gemma_like, suppress_ablation={**gemma_like["suppress_ablation"], "random_kl_harmless": 0.02})
+    text = report.render_markdown(dict(results, models=[specific]))
+    assert "specific to this direction" in text and "massive-activation" not in text
+    small = dict(e, kl_harmless={**(e.get("kl_harmless") or {}), "ablation": 0.05})
+    assert "Large ablation cost" not in report.render_markdown(dict(results, models=[small]))
+
+
+def test_files_are_replaced_whole_or_not_at_all(tmp_path):
+    """The report files are rewritten after every model while the app may read them: a write
+    that fails leaves the old file as it was, and no temporary file behind."""
+    from core.atomic import atomic_write_text
+
+    target = tmp_path / "report.md"
+    atomic_write_text(target, "old")
+    with pytest.raises(UnicodeEncodeError):
+        atomic_write_text(target, "new \udc80")  # a lone surrogate cannot be written as UTF-8
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["report.md"]
+    atomic_write_text(target, "new")
+    assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["report.md"]
+
+
+def test_table_says_when_the_grid_fell_back(results):
+    e = results["models"][0]
+    cell = report.SEED_HEAD.index("Position, layer — chosen on")
+    found = dict(e, selection_grid={"winner": {"found": True}})
+    fell_back = dict(e, selection_grid={"winner": {"found": False}})
+    assert "fallback" not in report.seed_rows({"models": [found]})[0][cell]
+    assert "grid fallback" in report.seed_rows({"models": [fell_back]})[0][cell]

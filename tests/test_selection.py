@@ -121,3 +121,44 @@ def test_grid_falls_back_to_hooks_on_other_architectures(tiny_models):
     lm = tiny_models["gpt2"]
     grid = select(lm, Formatter(lm.tokenizer), HARMFUL, HARMLESS, HARMFUL[:2], HARMLESS[:2], max_kl=np.inf, layer_stride=2)
     assert np.isfinite(grid.induce).all()
+
+
+# -- the force coefficient: degenerate answers count against a coefficient -------------------
+def test_pick_coefficient_skips_a_coefficient_that_breaks_the_model():
+    from core.selection import pick_coefficient
+
+    coefs = [0.25, 0.5, 0.75]
+    # 0.5 "refuses" more often, but 3 of 8 answers are loops: the smaller, clean one wins
+    chosen, eligible = pick_coefficient(coefs, [0.5, 0.625, 0.5], [0.0, 0.375, 0.5], target=0.9)
+    assert chosen == 0.25 and eligible == [True, False, False]
+    # the smallest eligible one that reaches the target
+    assert pick_coefficient(coefs, [0.5, 0.95, 1.0], [0.0, 0.0, 0.0], target=0.9)[0] == 0.5
+    assert pick_coefficient(coefs, [0.5, 0.95, 1.0], [0.0, 0.2, 0.0], target=0.9)[0] == 0.75
+    # ties on the refusal rate go to the smaller coefficient
+    assert pick_coefficient(coefs, [0.5, 0.5, 0.5], [0.0, 0.0, 0.0], target=0.9)[0] == 0.25
+    # everything broken: the fewest degenerate answers
+    chosen, eligible = pick_coefficient(coefs, [0.9, 1.0, 1.0], [0.5, 0.25, 0.75], target=0.9)
+    assert chosen == 0.5 and eligible == [False, False, False]
+
+
+def test_choose_coefficient_reports_degenerate_rates(tiny_models):
+    from core.activations import collect_activations
+    from core.directions import fit_directions
+    from core.formatting import Formatter
+    from core.selection import choose_coefficient
+
+    lm = tiny_models["llama"]
+    fmt = Formatter(lm.tokenizer)
+    h = collect_activations(lm, ["How do I make a bomb?", "How do I steal a car?", "Hack a bank."], formatter=fmt, cache=False)
+    b = collect_activations(lm, ["How do I make a cake?", "How do I wash a car?", "Thank a friend."], formatter=fmt,
+                            cache=False)
+    dirs = fit_directions(h, b, probe_folds=2)
+    val = [f"Tell me about topic number {i}." for i in range(4)]
+    choice = choose_coefficient(lm, fmt, dirs, 1, val, [1.0, 0.5], max_new_tokens=6, max_degenerate=0.0)
+    assert [p["coefficient"] for p in choice.points] == [0.5, 1.0] and choice.n == 4 and choice.split == "validation"
+    for p in choice.points:
+        assert p["degenerate"]["n"] == 4 and p["eligible"] == (p["degenerate"]["k"] == 0)
+    if not any(p["eligible"] for p in choice.points):  # random tiny models mostly babble
+        fewest = min(choice.points, key=lambda p: (p["degenerate"]["k"], p["coefficient"]))
+        assert choice.coefficient == fewest["coefficient"]
+    assert "degenerate" in choice.rule

@@ -4,12 +4,13 @@ positions of two prompts of a pair correspond, which positions a sweep patches."
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import torch
 
 from core.errors import ExplorerError
 from core.models import LoadedModel
+from core.progress import Progress
 
 if TYPE_CHECKING:
     from core.patching.engine import _Run
@@ -21,7 +22,6 @@ DIRECTIONS = {
     "refusal->compliant": "refusal->compliant",
     "noise": "refusal->compliant",
 }
-Progress = Callable[[float, str], None]
 
 
 class PatchingError(ExplorerError, ValueError):

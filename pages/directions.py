@@ -4,21 +4,20 @@ chosen on validation prompts (the candidate grid of core.selection); test prompt
 
 from __future__ import annotations
 
-import time
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 import streamlit as st
 
 from core import charts
-from core.activations import collect_activations
-from core.config import SelectionConfig
-from core.directions import METHODS, LayerChoice, choose_layer, fit_directions, projections
-from core.selection import select
+from core.analysis import Settings, analyse
+from core.config import SelectionConfig, SteeringConfig
+from core.directions import METHODS, projections
 from ui import charts as ui_charts
 from ui import entries, page, state
 from ui.errors import guard
-from ui.progress import progress_bar, scaled
+from ui.progress import progress_bar
 
 GRID = "candidate grid on validation (Arditi et al.)"
 SEPARATION = "validation separation (fast)"
@@ -55,40 +54,17 @@ if rule == GRID:
 
 if compute:
     with guard("Computing directions") as outcome, progress_bar("Computing directions") as progress:
-        started = time.perf_counter()
-        fmt = state.formatter(lm)
-        position, grid, share = state.position(), None, 0.0
-        if rule == GRID:  # as the batch runner: position and layer chosen on validation prompts
-            share = 0.6
-            grid = select(lm, fmt, sets.harmful_train, sets.harmless_train, sets.harmful_val, sets.harmless_val,
-                          positions=int(grid_positions), layer_stride=int(grid_stride), n_prompts=int(grid_n),
-                          max_kl=DEFAULTS.max_kl, skip_last_fraction=DEFAULTS.skip_last_fraction,
-                          progress=scaled(progress, 0.0, share, "selection grid: "))
-            position = grid.position
-        groups = [("harmful train", sets.harmful_train), ("harmless train", sets.harmless_train),
-                  ("harmful validation", sets.harmful_val), ("harmless validation", sets.harmless_val),
-                  ("harmful test", sets.harmful_test), ("harmless test", sets.harmless_test)]
-        acts = {}
-        span = (0.9 - share) / len(groups)
-        for i, (name, prompts) in enumerate(groups):
-            acts[name] = collect_activations(lm, prompts, position=position, formatter=fmt,
-                                             progress=scaled(progress, share + span * i, share + span * (i + 1), f"{name}: ")
-                                             ) if prompts else None
-        progress(0.92, "fitting directions and cross-validating probes")
-        dirs = fit_directions(acts["harmful train"], acts["harmless train"], acts["harmful test"], acts["harmless test"],
-                              harmful_val=acts["harmful validation"], harmless_val=acts["harmless validation"],
-                              method=method, position=position)
-        if grid is not None:
-            choice = LayerChoice(grid.output_layer, "grid", f"block output {grid.output_layer} = input of block "
-                                 f"{grid.layer}; {grid.winner.reason}", "validation")
-        else:
-            choice = choose_layer(dirs)
+        # the batch runner's first stage, with this page's method, position rule and grid size
+        selection = (replace(DEFAULTS, positions=int(grid_positions), layer_stride=int(grid_stride), n_prompts=int(grid_n))
+                     if rule == GRID else replace(DEFAULTS, enabled=False))
+        settings = Settings(preamble=state.preamble(), position=state.position(), selection=selection,
+                            steering=SteeringConfig(method=method, scan_prompts=0))
+        found = analyse(lm, sets, settings, progress=progress, stages=("directions",))
         state.put_result("directions", {
-            "dirs": dirs, "choice": choice, "layer": choice.layer, "scan": None, "grid": grid,
-            "test_acts": {"harmful": acts["harmful test"], "harmless": acts["harmless test"]},
-            "seconds": time.perf_counter() - started,
+            "dirs": found.dirs, "choice": found.choice, "layer": found.layer, "scan": None, "grid": found.grid,
+            "test_acts": found.test_activations, "seconds": found.timings["total"],
         })
-        st.session_state["active_layer"] = choice.layer
+        st.session_state["active_layer"] = found.layer
         st.session_state.pop("dir_layer", None)
 
 entry = state.get_result("directions")

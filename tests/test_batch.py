@@ -5,13 +5,14 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from core import batch
+from core import batch, results as results_module
 
 REPO = Path(__file__).resolve().parent.parent
 XSS = "<script>alert(1)</script>"
@@ -52,12 +53,15 @@ def test_cli_end_to_end_writes_all_three_files(tiny_dirs, tmp_path, capsys):
     assert batch.main(["--config", str(config), "--out", str(out)]) == 0
     err = capsys.readouterr().err
     assert "[tiny] validation" in err and "wrote" in err  # progress went to stderr
+    assert re.search(r"wrote .* in \d+ s, peak RSS \d+ MiB", err), err.splitlines()[-1]
     for name in ("results.json", "report.md", "report.html"):
         assert (out / name).is_file(), name
 
     results = json.loads((out / "results.json").read_text())
     for key in ("config", "versions", "machine", "date", "total_seconds", "command", "models", "prompts"):
         assert key in results, key
+    assert results["schema_version"] == results_module.SCHEMA_VERSION == 2
+    assert 50 < results["peak_rss_mb"] < 100_000  # MiB of the whole process (torch alone is ~300)
     for pkg in ("torch", "transformers", "numpy", "scikit-learn", "python"):
         assert pkg in results["versions"]
     assert results["machine"]["cpu_count"] >= 1
@@ -152,10 +156,10 @@ def test_run_errors_are_one_line(case, tiny_dirs, tmp_path, capsys):
 
 
 def test_model_type_labels():
-    assert batch.model_type("embedded-refusal", True, "none") == "chat, refusal-tuned organism"
-    assert batch.model_type("embedded", True, "prompted-refusal") == "chat, in-context refusal (prompted-refusal preamble)"
-    assert batch.model_type("gpt2", False, "none") == "base"
-    assert batch.model_type("gpt2", False, {"system": "x"}) == "base, in-context refusal (custom preamble)"
+    assert results_module.model_type("embedded-refusal", True, "none") == "chat, refusal-tuned organism"
+    assert results_module.model_type("embedded", True, "prompted-refusal") == "chat, in-context refusal (prompted-refusal preamble)"
+    assert results_module.model_type("gpt2", False, "none") == "base"
+    assert results_module.model_type("gpt2", False, {"system": "x"}) == "base, in-context refusal (custom preamble)"
 
 
 def test_threads_option(tmp_path, capsys):

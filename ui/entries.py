@@ -1,7 +1,7 @@
 """This session's results in the batch runner's shape, so the Report page renders through the
 same ``core.report`` functions as ``python -m core.batch`` and exports a config that reruns it.
 
-Only assembly of what ``core`` already computed: ``core.batch.model_entry`` / ``build_results``
+Only assembly of what ``core`` already computed: ``core.results.model_entry`` / ``build_results``
 do the work; this module picks the session's objects and the sidebar's settings.
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import streamlit as st
 
-from core.batch import build_results, model_entry as batch_entry
+from core.results import build_results, model_entry as batch_entry
 from core.config import Config, GenerationConfig, ModelSpec, PatchingConfig, PromptsConfig, SteeringConfig
 from core.directions import choose_layer
 from ui import state
@@ -31,7 +31,7 @@ def _choice(dirs, default):
 
 
 def model_entry() -> dict[str, Any] | None:
-    """One model's entry (``core.batch.model_entry``) from this session, or None before directions."""
+    """One model's entry (``core.results.model_entry``) from this session, or None before directions."""
     lm = state.current_model()
     directions = state.get_result("directions")
     if lm is None or directions is None:
@@ -109,7 +109,7 @@ def prompt_files() -> dict[str, str]:
 
 
 def session_results() -> dict[str, Any] | None:
-    """The full results dict (``core.batch.build_results``) of this session."""
+    """The full results dict (``core.results.build_results``) of this session."""
     entry = model_entry()
     if entry is None:
         return None

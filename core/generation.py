@@ -11,16 +11,56 @@ prefill step and to each new token after that (the key/value cache keeps the edi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 
 from core import forward, threads
+from core.architecture import LoadedModel
 from core.formatting import Formatter
 from core.hooks import EditFn, TraceDict
-from core.models import LoadedModel
+from core.progress import Progress
 
 StopCheck = Callable[[], bool]
+
+
+class PerRowEdits(Protocol):
+    """Edits that differ per row of a batch (``core.mixed_batches.RowEdits``): ``select(groups)`` says
+    which group each row of the next forward passes belongs to; ``edits`` are the hook edits."""
+
+    @property
+    def edits(self) -> dict[str, EditFn]: ...
+
+    def select(self, groups: Sequence[int]) -> None: ...
+
+
+def _check_groups(groups: Sequence[int] | None, row_edits: PerRowEdits | None, n: int) -> None:
+    if (groups is None) != (row_edits is None):
+        raise ValueError("row_edits and groups go together: give both (per-row edits) or neither")
+    if groups is not None and len(groups) != n:
+        raise ValueError(f"groups: one group per prompt, got {len(groups)} for {n} prompts")
+
+
+def _forward_rows(lm: LoadedModel, batch: forward.Batch, row_edits: PerRowEdits, groups: Sequence[int], *,
+                  use_cache: bool) -> Any:
+    """:func:`core.forward.run` with per-row edits, inside the caller's trace of ``row_edits.edits``:
+    the shared prefix runs once per distinct group in the batch (its key/value cache then goes to
+    that group's rows), then the suffixes; rows stay selected for the decode steps that follow."""
+    p, n = batch.prefix_len, batch.size
+    cache = None
+    if p:
+        distinct = list(dict.fromkeys(groups))
+        row_edits.select(distinct)
+        cache = lm.model(input_ids=batch.prefix_ids.expand(len(distinct), -1), use_cache=True,
+                         logits_to_keep=1).past_key_values
+        cache.batch_select_indices(torch.tensor([distinct.index(g) for g in groups], device=batch.prefix_ids.device))
+    suffix_mask = batch.suffix.attention_mask
+    mask = torch.cat([suffix_mask.new_ones((n, p)), suffix_mask], dim=-1) if p else suffix_mask
+    row_edits.select(groups)
+    return lm.model(input_ids=batch.suffix.input_ids, attention_mask=mask,
+                    position_ids=(suffix_mask.cumsum(-1) - 1).clamp(min=0) + p,
+                    use_cache=use_cache or bool(p), logits_to_keep=1,
+                    **({"past_key_values": cache} if p else {}))
 
 
 @dataclass
@@ -63,17 +103,26 @@ def generate_stream(
     edits: dict[str, EditFn] | None = None,
     retain: Sequence[str] = (),
     stop: StopCheck | None = None,
+    row_edits: PerRowEdits | None = None,
+    groups: Sequence[int] | None = None,
 ) -> Iterator[GenerationStep]:
     """Yield a :class:`GenerationStep` after every decode step (greedy if ``temperature`` is 0).
 
     ``edits`` maps module names to edit functions (see ``core.steering``); ``retain`` names
     modules whose hidden state at the newest token is returned in each step (used to colour
     tokens by their projection on a direction). ``stop()`` returning True ends the stream.
+    ``row_edits`` with ``groups`` (one group index per prompt) edit each row by its own group
+    instead (see :class:`PerRowEdits`); then ``edits`` must be empty.
     """
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
     if not instructions:
         raise ValueError("no prompts given")
+    _check_groups(groups, row_edits, len(instructions))
+    if row_edits is not None:
+        if edits:
+            raise ValueError("give edits (the same for every row) or row_edits with groups, not both")
+        edits = row_edits.edits
     tok = lm.tokenizer
     batch_in = forward.prepare(
         formatter, instructions, padding_side="left", device=lm.device,
@@ -94,7 +143,9 @@ def generate_stream(
         if stop is not None and stop():
             return
         with TraceDict(lm.model, names, retain_output=bool(retain), edit_output=edits or None) as traces:
-            if past is None:  # prefill: shared prefix once, then the suffixes (edits apply to both)
+            if past is None and row_edits is not None and groups is not None:
+                out = _forward_rows(lm, batch_in, row_edits, groups, use_cache=True)  # prefill, per-row edits
+            elif past is None:  # prefill: shared prefix once, then the suffixes (edits apply to both)
                 out = forward.run(lm, batch_in, use_cache=True)
             else:
                 out = lm.model(
@@ -134,10 +185,14 @@ def generate(
     seed: int = 0,
     edits: dict[str, EditFn] | None = None,
     batch_size: int = 16,
-    progress: Callable[[float, str], None] | None = None,
+    progress: Progress | None = None,
+    row_edits: PerRowEdits | None = None,
+    groups: Sequence[int] | None = None,
 ) -> list[str]:
-    """Completed responses for ``instructions`` (batched; see :func:`generate_stream`)."""
+    """Completed responses for ``instructions`` (batched; see :func:`generate_stream`, also for
+    per-row edits: ``row_edits`` with one group index per prompt in ``groups``)."""
     instructions = list(instructions)
+    _check_groups(groups, row_edits, len(instructions))
     results: list[str] = []
 
     def run(start: int, stop: int) -> list[str]:
@@ -146,7 +201,8 @@ def generate(
         with threads.step(units=len(chunk)):  # the run's thread policy, if one is active (core.threads)
             for last in generate_stream(
                 lm, formatter, chunk, max_new_tokens=max_new_tokens, temperature=temperature,
-                seed=seed + start, edits=edits,
+                seed=seed + start, edits=edits, row_edits=row_edits,
+                groups=None if groups is None else groups[start:stop],
             ):
                 pass
         return [t.strip() for t in (last.texts if last else [""] * len(chunk))]
@@ -166,11 +222,17 @@ def next_token_logits(
     *,
     edits: dict[str, EditFn] | None = None,
     batch_size: int = 16,
-    progress: Callable[[float, str], None] | None = None,
+    progress: Progress | None = None,
+    row_edits: PerRowEdits | None = None,
+    groups: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Float32 logits [n, vocab] at the first response position (one forward pass per batch,
-    no generation): the input of the refusal score and the KL metric."""
+    no generation): the input of the refusal score and the KL metric. ``row_edits`` with
+    ``groups`` (one group index per prompt) edit each row by its group (:class:`PerRowEdits`)."""
     instructions = list(instructions)
+    _check_groups(groups, row_edits, len(instructions))
+    if row_edits is not None and edits:
+        raise ValueError("give edits (the same for every row) or row_edits with groups, not both")
     out: list[torch.Tensor] = []
     prefixes: dict = {}
 
@@ -178,6 +240,10 @@ def next_token_logits(
         batch = forward.prepare(
             formatter, instructions[start:stop], padding_side="left", device=lm.device, context=lm.max_positions
         )
+        if row_edits is not None and groups is not None:
+            with TraceDict(lm.model, list(row_edits.edits), retain_output=False, edit_output=row_edits.edits):
+                logits = _forward_rows(lm, batch, row_edits, groups[start:stop], use_cache=False).logits[:, -1, :]
+            return logits.float().cpu()
         key = tuple(batch.prefix_ids[0].tolist())
         with TraceDict(lm.model, list(edits or {}), retain_output=False, edit_output=edits or None):
             if key and key not in prefixes:

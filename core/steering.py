@@ -240,24 +240,37 @@ def ablation_modules(lm: LoadedModel) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def edit_sites(lm: LoadedModel, interventions: Sequence[Intervention]) -> dict[str, list[int]]:
+    """Per module name, the indices of the interventions that edit its output, in list order
+    (ablation: :func:`ablation_modules`; add / subtract: the output of block ``layer``)."""
+    sites: dict[str, list[int]] = {}
+    for i, iv in enumerate(interventions):
+        if iv.direction.size != lm.d_model:
+            raise ValueError(f"the direction has {iv.direction.size} dimensions but {lm.name} has d_model {lm.d_model}")
+        names = ablation_modules(lm) if iv.kind == "ablate" else [lm.block_names[lm.check_layer(iv.layer)]]
+        for name in names:
+            sites.setdefault(name, []).append(i)
+    return sites
+
+
+def edit_vector(iv: Intervention) -> np.ndarray:
+    """What the edit uses: the float32 vector added (add / subtract), or the unit vector ablated."""
+    return (iv.unit if iv.kind == "ablate" else iv.unit * iv.magnitude).astype(np.float32)
+
+
 def edits_for(lm: LoadedModel, interventions: Sequence[Intervention]) -> dict[str, EditFn]:
     """``{module name: edit fn}`` for :mod:`core.hooks` / :mod:`core.generation`.
 
     Interventions that touch the same module compose in the order given.
     """
+    fns = [_ablate_fn(edit_vector(iv), iv.coefficient) if iv.kind == "ablate" else _add_fn(edit_vector(iv))
+           for iv in interventions]
     edits: dict[str, EditFn] = {}
-    for iv in interventions:
-        if iv.direction.size != lm.d_model:
-            raise ValueError(f"the direction has {iv.direction.size} dimensions but {lm.name} has d_model {lm.d_model}")
-        if iv.kind == "ablate":
-            fn = _ablate_fn(iv.unit, iv.coefficient)
-            names = ablation_modules(lm)
-        else:
-            layer = lm.check_layer(iv.layer)
-            fn = _add_fn(iv.unit * iv.magnitude)
-            names = [lm.block_names[layer]]
-        for name in names:
-            edits[name] = _compose(edits[name], fn) if name in edits else fn
+    for name, indices in edit_sites(lm, interventions).items():
+        fn = fns[indices[0]]
+        for i in indices[1:]:
+            fn = _compose(fn, fns[i])
+        edits[name] = fn
     return edits
 
 
@@ -363,3 +376,27 @@ def export_abliterated(lm: LoadedModel, direction: np.ndarray, out_dir: str | Pa
     lm.tokenizer.save_pretrained(out)
     write_model_card(out, lm, direction, **card)
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# steering any code: a context manager
+# ---------------------------------------------------------------------------------------
+def steer(lm: LoadedModel, interventions: Intervention | Sequence[Intervention]):
+    """A context manager that applies one intervention (or a list, composed in order) to every
+    forward pass of ``lm`` inside the ``with`` block, whoever runs it: ``lm.model.generate``,
+    :mod:`core.generation`, your own loop. The hooks are placed on entry and removed on exit,
+    also when the block raises (it is a :class:`core.hooks.TraceDict` that retains nothing).
+
+    >>> with steer(lm, add(dirs, layer, 0.5)):
+    ...     out = lm.model.generate(**inputs)
+
+    The block holds the model's lock (as every trace does): another thread using the same model
+    waits until it ends. The activation disk cache does not know about the edit, so pass
+    ``cache=False`` to :func:`core.activations.collect_activations` inside the block."""
+    from core.hooks import TraceDict
+
+    items = [interventions] if isinstance(interventions, Intervention) else list(interventions)
+    if not all(isinstance(iv, Intervention) for iv in items):
+        raise TypeError("interventions: give an Intervention (add, subtract or ablate) or a list of them")
+    edits = edits_for(lm, items)
+    return TraceDict(lm.model, list(edits), retain_output=False, edit_output=edits)

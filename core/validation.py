@@ -36,12 +36,13 @@ from core.directions import LayerDirections
 from core.formatting import Formatter
 from core.generation import next_token_logits
 from core.judge import judge_all
-from core.metrics import Rate, kl_divergence, label_rates, refusal_score, refusal_token_ids
+from core.metrics import Rate, finite_or_none as _f, kl_divergence, label_rates, refusal_score, refusal_token_ids
 from core.layer_scan import LayerScan, _Steps, scan_layers  # noqa: F401  (re-exported: the screen lives there)
 from core.models import LoadedModel
-from core.steering import Intervention, ablate, add, edits_for, random_like, steered_generate, subtract
+from core.mixed_batches import Condition, generate_conditions, mixed_logits
+from core.steering import Intervention, ablate, add, edits_for, random_like, steered_generate, steered_logits, subtract
+from core.progress import Progress
 
-Progress = Callable[[float, str], None]
 Judge = Callable[[Sequence[str]], list[str]]  # answers -> "refusal" | "compliance" | "degenerate"
 
 # Coefficients in normalised units (multiples of the layer's mean activation norm).
@@ -57,10 +58,9 @@ DEFAULT_SUBTRACT_COEFFICIENTS: tuple[float, ...] = (0.5,)
 # validation affordable on a CPU.
 DEFAULT_MAX_NEW_TOKENS = 24
 FORCE_TARGET_RATE = 0.9
-
-
-def _f(x: float | None) -> float | None:
-    return float(x) if x is not None and np.isfinite(x) else None
+# Rows per decode batch when the conditions share batches (``mixed_batches``): CPU decode steps
+# cost far less per row in large batches (measured in docs/decisions.md, "Validation in mixed batches").
+MIXED_BATCH_SIZE = 64
 
 
 def _rd(r: Rate | None) -> dict | None:
@@ -90,9 +90,6 @@ class SteerPoint:
             "kl": _f(self.kl),
             "random_kl": _f(self.random_kl),
         }
-
-
-ForcePoint = SteerPoint
 
 
 @dataclass
@@ -224,6 +221,9 @@ def run_validation(
     n_random_controls: int = DEFAULT_N_RANDOM,
     shuffled: np.ndarray | None = None,
     capability: bool = True,
+    on_condition: Callable[[str, str, list[str]], None] | None = None,
+    mixed_batches: bool = True,
+    mixed_batch_size: int = MIXED_BATCH_SIZE,
 ) -> ValidationResult:
     """Force / suppress refusal against controls, with KL and capability cost (module docstring).
 
@@ -232,6 +232,13 @@ def run_validation(
     ``shuffled`` (the label-shuffled difference in means at ``layer``, see
     :func:`core.controls.shuffled_direction`) is given, that direction. Reruns are identical.
     ``judge`` labels a list of answers (default: :func:`core.judge.judge_all`).
+    ``on_condition(condition, prompts, labels)`` hears each condition's labels as soon as it is
+    generated (the app shows its rate before the whole run ends).
+
+    With ``mixed_batches`` (the default) the rows of all conditions share batches of
+    ``mixed_batch_size`` (each row under its own intervention, :mod:`core.mixed_batches`),
+    and so do the first-token passes; ``False`` generates condition by condition in batches of
+    ``batch_size``. Both give the same answers up to batch-composition rounding.
     """
     t0 = time.perf_counter()
     layer = lm.check_layer(layer)
@@ -241,90 +248,125 @@ def run_validation(
         raise ValueError("validation needs harmful and harmless test prompts; one set is empty")
     if not coefficients:
         raise ValueError("give at least one force coefficient")
+    if mixed_batch_size < 1:
+        raise ValueError("mixed_batch_size must be at least 1")
     label_fn: Judge = judge or judge_all
     n_extra = max(0, n_random_controls - 1) + (shuffled is not None)
     n_gen = 2 + 2 + 2 * len(coefficients) + 2 * len(subtract_coefficients) + 2 * n_extra
     n_kl = 1 + 2 + 2 * len(coefficients) + 2 * len(subtract_coefficients) + int(capability) + 1
     step = _Steps(n_gen + n_kl, progress)
-    generations: list[dict[str, str]] = []
+    prompts_of = {"harmful": harmful, "harmless": harmless}
+    outputs: dict[tuple[str, str], tuple[list[str], list[str], list[str]]] = {}  # (condition, kind) -> answers, labels, substring
+    order: list[tuple[str, str]] = []  # the conditions in the order they are defined (the report's order)
 
-    def gen(prompts: list[str], ivs: list[Intervention], condition: str, kind: str) -> tuple[list[str], list[str]]:
-        out = steered_generate(lm, formatter, prompts, ivs, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    def finish(cond: Condition, out: list[str]) -> None:
+        prompts = prompts_of[cond.kind]
         raw = label_fn.label(out, prompts) if hasattr(label_fn, "label") else label_fn(out)
         labels = [str(getattr(x, "value", x)) for x in raw]
-        substring = judge_all(out) if judge is not None else labels
-        generations.extend({"condition": condition, "prompts": kind, "prompt": p, "generation": g, "label": lab,
-                            **({"substring_label": sub} if judge is not None else {})}
-                           for p, g, lab, sub in zip(prompts, out, labels, substring))
-        step(condition)
-        return out, labels
+        outputs[(cond.name, cond.kind)] = (out, labels, judge_all(out) if judge is not None else labels)
+        step(cond.name)
+        if on_condition is not None:
+            on_condition(cond.name, cond.kind, labels)
 
-    clean_logits = next_token_logits(lm, formatter, harmless, batch_size=batch_size)
-    step("clean first-token logits")
+    def generate_all(conds: list[Condition]) -> None:
+        order.extend((c.name, c.kind) for c in conds)
+        if not mixed_batches:
+            for cond in conds:
+                finish(cond, steered_generate(lm, formatter, prompts_of[cond.kind], cond.interventions,
+                                              max_new_tokens=max_new_tokens, batch_size=batch_size))
+            return
+        generate_conditions(lm, formatter, conds, prompts_of, finish, max_new_tokens=max_new_tokens, batch_size=mixed_batch_size)
 
-    def kl(ivs: list[Intervention], what: str) -> float:
-        logits = next_token_logits(lm, formatter, harmless, edits=edits_for(lm, ivs), batch_size=batch_size)
-        step(what)
-        return float(np.mean(kl_divergence(clean_logits, logits)))
-
-    base_harmful, lab_bh = gen(harmful, [], "baseline", "harmful")
-    base_harmless, lab_bb = gen(harmless, [], "baseline", "harmless")
-    rb_h, rb_b = label_rates(lab_bh), label_rates(lab_bb)
-    baseline = {"harmful_refusal": rb_h["refusal"], "harmless_refusal": rb_b["refusal"],
-                "harmful_degenerate": rb_h["degenerate"], "harmless_degenerate": rb_b["degenerate"]}
+    def labels_of(name: str, kind: str) -> list[str]:
+        return outputs[(name, kind)][1]
 
     abl = ablate(dirs, layer)
     abl_rand = random_like(abl, seed)
-    abl_out, lab_abl = gen(harmful, [abl], "ablate", "harmful")
-    _, lab_abl_r = gen(harmful, [abl_rand], f"ablate random #0 (seed {seed})", "harmful")
-    ra, rr = label_rates(lab_abl), label_rates(lab_abl_r)
+    rand0 = f"random #0 (seed {seed})"
+    force_ivs = {c: add(dirs, layer, c, normalised) for c in coefficients}
+    sub_ivs = {c: subtract(dirs, layer, c, normalised) for c in subtract_coefficients}
+    first = [Condition("baseline", "harmful", []), Condition("baseline", "harmless", []),
+             Condition("ablate", "harmful", [abl]), Condition(f"ablate {rand0}", "harmful", [abl_rand])]
+    for c, iv in force_ivs.items():
+        first += [Condition(f"add {c:g}", "harmless", [iv]), Condition(f"add {c:g} {rand0}", "harmless", [random_like(iv, seed)])]
+    for c, iv in sub_ivs.items():
+        first += [Condition(f"subtract {c:g}", "harmful", [iv]), Condition(f"subtract {c:g} {rand0}", "harmful", [random_like(iv, seed)])]
+    abl_controls = control_interventions(abl, seed, n_random_controls, shuffled)[1:]
+    first += [Condition(f"ablate {name}", "harmful", [civ]) for name, civ in abl_controls]
+
+    # first-token logits: clean (harmless and harmful) and under each sweep intervention (harmless)
+    kl_conds = [("KL of ablation", [abl]), ("KL of random ablation", [abl_rand])]
+    for what, ivs in (("add", force_ivs), ("subtract", sub_ivs)):
+        for c, iv in ivs.items():
+            kl_conds += [(f"KL of {what} {c:g}", [iv]), (f"KL of random {what} {c:g}", [random_like(iv, seed)])]
+    if mixed_batches:
+        groups = [[]] + [ivs for _, ivs in kl_conds]
+        rows = [(p, 0) for p in harmful] + [(p, g) for g in range(len(groups)) for p in harmless]
+        logits = mixed_logits(lm, formatter, [p for p, _ in rows], groups, [g for _, g in rows], batch_size=mixed_batch_size)
+        harmful_logits, clean_logits = logits[: len(harmful)], logits[len(harmful): len(harmful) + len(harmless)]
+        steered = logits[len(harmful) + len(harmless):].split(len(harmless))
+    else:
+        harmful_logits = next_token_logits(lm, formatter, harmful, batch_size=batch_size)
+        clean_logits = next_token_logits(lm, formatter, harmless, batch_size=batch_size)
+        steered = [steered_logits(lm, formatter, harmless, ivs, batch_size=batch_size) for _, ivs in kl_conds]
+    step("clean first-token logits")
+    kls: dict[str, float] = {}
+    for (what, _), logits in zip(kl_conds, steered):
+        kls[what] = float(np.mean(kl_divergence(clean_logits, logits)))
+        step(what)
+
+    generate_all(first)
+    lab_bh, lab_bb = labels_of("baseline", "harmful"), labels_of("baseline", "harmless")
+    rb_h, rb_b = label_rates(lab_bh), label_rates(lab_bb)
+    baseline = {"harmful_refusal": rb_h["refusal"], "harmless_refusal": rb_b["refusal"],
+                "harmful_degenerate": rb_h["degenerate"], "harmless_degenerate": rb_b["degenerate"]}
+    ra, rr = label_rates(labels_of("ablate", "harmful")), label_rates(labels_of(f"ablate {rand0}", "harmful"))
     suppress_ablation = {
         "rate": ra["refusal"], "random_rate": rr["refusal"], "degenerate": ra["degenerate"], "random_degenerate": rr["degenerate"],
-        "kl_harmless": kl([abl], "KL of ablation"),
-        "random_kl_harmless": kl([abl_rand], "KL of random ablation"),
+        "kl_harmless": kls["KL of ablation"], "random_kl_harmless": kls["KL of random ablation"],
     }
 
-    force: list[SteerPoint] = []
-    force_out: dict[float, list[str]] = {}
-    for c in coefficients:
-        iv = add(dirs, layer, c, normalised)
-        rnd = random_like(iv, seed)
-        force_out[c], lab = gen(harmless, [iv], f"add {c:g}", "harmless")
-        _, lab_r = gen(harmless, [rnd], f"add {c:g} random #0 (seed {seed})", "harmless")
-        r, r0 = label_rates(lab), label_rates(lab_r)
-        force.append(SteerPoint(c, r["refusal"], r0["refusal"], kl([iv], f"KL of add {c:g}"), kl([rnd], f"KL of random add {c:g}"),
-                                r["degenerate"], r0["degenerate"]))
+    def sweep(what: str, ivs: dict[float, Intervention], kind: str) -> list[SteerPoint]:
+        points = []
+        for c in ivs:
+            r, r0 = label_rates(labels_of(f"{what} {c:g}", kind)), label_rates(labels_of(f"{what} {c:g} {rand0}", kind))
+            points.append(SteerPoint(c, r["refusal"], r0["refusal"], kls[f"KL of {what} {c:g}"], kls[f"KL of random {what} {c:g}"],
+                                     r["degenerate"], r0["degenerate"]))
+        return points
 
-    sub_points: list[SteerPoint] = []
-    for c in subtract_coefficients:
-        iv = subtract(dirs, layer, c, normalised)
-        rnd = random_like(iv, seed)
-        r = label_rates(gen(harmful, [iv], f"subtract {c:g}", "harmful")[1])
-        r0 = label_rates(gen(harmful, [rnd], f"subtract {c:g} random #0 (seed {seed})", "harmful")[1])
-        sub_points.append(SteerPoint(c, r["refusal"], r0["refusal"], kl([iv], f"KL of subtract {c:g}"),
-                                     kl([rnd], f"KL of random subtract {c:g}"), r["degenerate"], r0["degenerate"]))
-
+    force = sweep("add", force_ivs, "harmless")
+    sub_points = sweep("subtract", sub_ivs, "harmful")
     chosen = choose_force_coefficient(force)
     point = next(p for p in force if p.coefficient == chosen)
-    head_add = add(dirs, layer, chosen, normalised)
+    head_add = force_ivs[chosen]
+    force_controls = control_interventions(head_add, seed, n_random_controls, shuffled)[1:]
+    generate_all([Condition(f"add {chosen:g} {name}", "harmless", [civ]) for name, civ in force_controls])
 
-    def compare(iv: Intervention, condition: str, kind: str, prompts: list[str], own: tuple[Rate, Rate],
-                first: tuple[Rate, Rate], expect: str) -> ControlComparison:
-        ctrls = [ControlResult(f"random #0 (seed {seed})", *first)]
-        for name, civ in control_interventions(iv, seed, n_random_controls, shuffled)[1:]:
-            r = label_rates(gen(prompts, [civ], f"{condition} {name}", kind)[1])
+    def compare(condition: str, kind: str, ctrl: list[tuple[str, Intervention]], own: tuple[Rate, Rate],
+                first_control: tuple[Rate, Rate], expect: str) -> ControlComparison:
+        ctrls = [ControlResult(rand0, *first_control)]
+        for name, _ in ctrl:
+            r = label_rates(labels_of(f"{condition} {name}", kind))
             ctrls.append(ControlResult(name, r["refusal"], r["degenerate"]))
         return ControlComparison(condition, own[0], own[1], expect, ctrls)
 
     controls = {
-        "ablation": compare(abl, "ablate", "harmful", harmful, (ra["refusal"], ra["degenerate"]),
+        "ablation": compare("ablate", "harmful", abl_controls, (ra["refusal"], ra["degenerate"]),
                             (rr["refusal"], rr["degenerate"]), "below"),
-        "force": compare(head_add, f"add {chosen:g}", "harmless", harmless, (point.rate, point.degenerate),
+        "force": compare(f"add {chosen:g}", "harmless", force_controls, (point.rate, point.degenerate),
                          (point.random_rate, point.random_degenerate), "above"),
     }
+    generations: list[dict[str, str]] = []
+    for condition, kind in order:
+        out, labels, substring = outputs[(condition, kind)]
+        generations.extend({"condition": condition, "prompts": kind, "prompt": p, "generation": g, "label": lab,
+                            **({"substring_label": sub} if judge is not None else {})}
+                           for p, g, lab, sub in zip(prompts_of[kind], out, labels, substring))
+    base_harmful, base_harmless = outputs[("baseline", "harmful")][0], outputs[("baseline", "harmless")][0]
+    abl_out, lab_abl = outputs[("ablate", "harmful")][:2]
+    force_out = {c: outputs[(f"add {c:g}", "harmless")][0] for c in coefficients}
 
     # does the judge agree with the first-token refusal score (and with the substring judge)?
-    harmful_logits = next_token_logits(lm, formatter, harmful, batch_size=batch_size)
     score_says = [bool(x > 0) for x in refusal_score(harmful_logits, refusal_token_ids(lm.tokenizer))] + \
         [bool(x > 0) for x in refusal_score(clean_logits, refusal_token_ids(lm.tokenizer))]
     step("first-token refusal score on harmful prompts")

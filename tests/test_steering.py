@@ -135,3 +135,36 @@ def test_export_abliterated_equals_runtime_ablation(tiny, tmp_path):
     assert torch.allclose(out, runtime, atol=2e-3 * max(1.0, runtime.abs().max().item()))
     # the original model is untouched
     assert torch.allclose(next_token_logits(tiny, fmt, HARMFUL + HARMLESS), clean)
+
+
+def test_row_edits_match_per_condition_edits(tiny):
+    """One mixed batch (rows of different conditions, each with its own intervention, composed
+    ones included) gives each row what its condition alone gives: same logits, same greedy text."""
+    from core.mixed_batches import RowEdits, mixed_generate, mixed_logits
+
+    from core import forward
+    from core.formatting import get_preamble
+
+    plain, dirs = tiny_dirs_for(tiny)
+    conditions = [[], [ablate(dirs, 1)], [add(dirs, 1, 2.0)], [subtract(dirs, 2, 1.0)],
+                  [ablate(dirs, 1, 0.5), add(dirs, 1, 1.0)], [random_like(ablate(dirs, 1), 3)]]
+    prompts, groups = [], []
+    for g in range(len(conditions)):
+        for p in (HARMFUL[g % 4], HARMLESS[(g + 1) % 4]):
+            prompts.append(p)
+            groups.append(g)
+    preamble = Formatter(tiny.tokenizer, get_preamble("prompted-refusal"))
+    assert forward.prepare(preamble, prompts, padding_side="left").prefix_len > 0  # the shared-prefix path runs too
+    for fmt in (plain, preamble):
+        mixed = mixed_logits(tiny, fmt, prompts, conditions, groups, batch_size=5)
+        alone = torch.cat([steered_logits(tiny, fmt, prompts[i:i + 2], conditions[g]) for i, g in zip(range(0, 12, 2), range(6))])
+        assert (alone[2:4] - alone[0:2]).abs().max() > 1e-3  # the conditions differ, so the test can fail
+        assert torch.allclose(mixed, alone, atol=1e-4)
+        texts = mixed_generate(tiny, fmt, prompts, conditions, groups, max_new_tokens=5, batch_size=7)
+        assert texts == [steered_generate(tiny, fmt, [p], conditions[g], max_new_tokens=5)[0] for p, g in zip(prompts, groups)]
+    fmt = plain
+    assert not remaining_hooks(tiny.model)
+    with pytest.raises(ValueError, match="groups"):
+        RowEdits(tiny, conditions).select([0, 6])
+    with pytest.raises(ValueError, match="groups"):
+        mixed_generate(tiny, fmt, prompts, conditions, groups[:-1], max_new_tokens=2)

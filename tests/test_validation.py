@@ -127,3 +127,37 @@ def test_validation_with_an_llm_judge_reports_agreement(tiny_models):
     assert agree["judge_vs_substring"]["n"] == len(d["generations"]) and agree["judge_vs_score"]["n"] == 8
     labels = [g["label"] for g in d["generations"] if g["condition"] == "ablate"]
     assert d["suppress_ablation"]["rate"]["k"] == labels.count("refusal")
+
+
+def test_mixed_batches_give_the_same_validation(tiny_models):
+    """Rows of all conditions sharing batches (each under its own intervention) give exactly the
+    per-condition answers, labels and rates (fp32, greedy), and every condition is reported once,
+    with all its labels, as soon as it is done."""
+    from core.formatting import Formatter, get_preamble
+
+    lm = tiny_models["llama"]
+    _, dirs = tiny_dirs_for(lm)
+    fmt = Formatter(lm.tokenizer, get_preamble("prompted-refusal"))  # a shared prefix: the per-group prefix path
+    shuffled = np.random.default_rng(0).standard_normal(lm.d_model).astype(np.float32)
+    runs = {}
+    for mixed in (False, True):
+        heard = []
+        res = run_validation(lm, fmt, dirs, 1, HARMFUL, HARMLESS, coefficients=(0.5, 4.0), subtract_coefficients=(1.0,),
+                             max_new_tokens=5, seed=2, n_random_controls=3, shuffled=shuffled, capability=False,
+                             mixed_batches=mixed, mixed_batch_size=9, batch_size=3,
+                             on_condition=lambda c, k, labels: heard.append((c, k, labels)))
+        runs[mixed] = (res.to_dict(), heard)
+    (old, heard_old), (new, heard_new) = runs[False], runs[True]
+    assert len({g["generation"] for g in new["generations"]}) > 1  # the conditions differ, so the test can fail
+    assert new["generations"] == old["generations"]
+    for key in ("baseline", "controls", "agreement", "samples"):
+        assert new[key] == old[key], key
+    for key in ("force", "suppress_subtract"):  # rates exactly; first-token KL up to batch-composition rounding
+        for a, b in zip(new[key], old[key], strict=True):
+            assert a["rate"] == b["rate"] and a["random_rate"] == b["random_rate"]
+            assert a["kl"] == pytest.approx(b["kl"], rel=1e-3, abs=1e-6)
+    for key in ("rate", "random_rate", "degenerate", "random_degenerate"):
+        assert new["suppress_ablation"][key] == old["suppress_ablation"][key]
+    assert new["suppress_ablation"]["kl_harmless"] == pytest.approx(old["suppress_ablation"]["kl_harmless"], rel=1e-3, abs=1e-6)
+    assert sorted(heard_new, key=str) == sorted(heard_old, key=str)
+    assert len(heard_new) == len({(c, k) for c, k, _ in heard_new}) == len({(g["condition"], g["prompts"]) for g in new["generations"]})

@@ -129,6 +129,14 @@ def opening(text: str) -> str:
     return clean[: min(end, OPENING_MAX_CHARS)]
 
 
+def opening_complete(text: str) -> bool:
+    """True once more text follows :func:`opening` (or it reached its cap): what a stream has
+    so far can then be labelled as the whole answer's opening would be."""
+    clean = strip_special(text)
+    head = opening(text)
+    return len(head) >= OPENING_MAX_CHARS or len(clean) > len(head)
+
+
 def refusal_phrase(text: str, phrases: Sequence[str] = REFUSAL_PHRASES) -> str | None:
     """The refusal phrase found in the opening (after removing idioms), else ``None``."""
     head = _IDIOMS.sub(" ", normalise(opening(text)))

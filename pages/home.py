@@ -4,7 +4,29 @@ from __future__ import annotations
 
 import streamlit as st
 
+from core.metrics import Rate
 from ui import state
+
+# Held-out test split, greedy answers judged refusal by core.judge: harmful refused, harmless
+# refused. The organism's come from its card when it is built (else the default recipe's card as
+# measured, README "The refusal organism"); the prompted preset's are in core/formatting.py.
+ORGANISM_TEST = (Rate(60, 66), Rate(11, 67))
+PROMPTED_TEST = (Rate(41, 66), Rate(19, 67))
+
+
+def organism_test_rates() -> tuple[Rate, Rate]:
+    """The built organism's own card figures, or the documented ones when it is not built."""
+    try:
+        from core.organism import built_organism_folder, load_card
+
+        folder = built_organism_folder()
+        if folder is not None:
+            ev = load_card(folder).evaluation
+            return (Rate(ev["harmful_refusal"]["k"], ev["harmful_refusal"]["n"]),
+                    Rate(ev["harmless_refusal"]["k"], ev["harmless_refusal"]["n"]))
+    except Exception:  # noqa: BLE001  (the overview must render whatever the cache holds)
+        pass
+    return ORGANISM_TEST
 
 st.title("Refusal Circuit Explorer")
 st.markdown(
@@ -28,6 +50,23 @@ for col, icon, label, value, note in cards:
         st.caption(f"{icon} {label}")
         st.markdown(f"**{value}**")
         st.caption(note)
+
+organism_on = lm is not None and lm.source == "embedded-refusal"
+if lm is not None and lm.source in ("embedded", "embedded-refusal"):
+    organism_rates = organism_test_rates()
+    figures = (f"on the held-out test prompts the organism refused {organism_rates[0]} of harmful and "
+               f"{organism_rates[1]} of harmless prompts, where the prompted preamble refused {PROMPTED_TEST[0]} and "
+               f"{PROMPTED_TEST[1]}")
+    if organism_on:
+        why = (f"**Why this model:** the app starts on the refusal-tuned organism because its refusal is trained into "
+               f"its weights and far more selective than the prompted preamble's — {figures}. It is already built on "
+               f"this machine, so it loads in seconds.")
+    else:
+        why = (f"**Why this setup:** the refusal-tuned organism's refusal is trained into its weights and far more "
+               f"selective — {figures} — but its first build takes a few minutes on a CPU without bf16 units, so the "
+               f"app starts on the prompted preamble. Choose *Embedded refusal-tuned organism* in the sidebar to build "
+               f"it once; from then on the app starts on it.")
+    st.info(why, icon=":material/science:")
 
 st.subheader("What to do first")
 steps = [

@@ -26,17 +26,21 @@ lm = page.require_model()
 
 pairs = load_pairs("builtin:pairs")
 PAIR_FILTERS = {"strict": "strict: refused vs not", "relative": "relative: harmful scores higher", "all": "all pairs"}
+POSITIONS = {"diff+suffix": "differing tokens + template", "all": "every token"}
+DEFAULT_PAIRS = 20  # the relative filter keeps 16 of the first 20 under the prompted preamble (docs/decisions.md)
 with st.container(border=True):
     c1, c2, c3 = st.columns([1, 2, 1])
-    n_pairs = c1.number_input("Pairs", 1, len(pairs), 6, key="patch_n", persist_state="session",
-                              help=f"The first n of {len(pairs)} built-in matched pairs (equal token length).")
+    n_pairs = c1.number_input("Pairs", 1, len(pairs), min(DEFAULT_PAIRS, len(pairs)), key="patch_n",
+                              persist_state="session",
+                              help=f"The first n of {len(pairs)} built-in matched pairs (equal token length). Each used "
+                                   "pair costs one batch of patched runs per site; excluded pairs cost only their clean runs.")
     sites = c2.multiselect("Sites", list(SITES), default=["resid", "attn", "mlp"], key="patch_sites",
                            persist_state="session", help=SITE_HELP)
     threshold = c3.number_input("Critical if effect >", 0.0, 1.0, 0.1, step=0.05, key="patch_threshold",
                                 persist_state="session",
                                 help="A cell is critical when a one-sided t-test across pairs says its pooled effect "
                                      "exceeds this, after Benjamini–Hochberg control of the false-discovery rate.")
-    c4, c5, c6 = st.columns([3, 1, 1], vertical_alignment="bottom")
+    c4, c5, c6, c7 = st.columns([3, 1.2, 1.2, 1], vertical_alignment="bottom")
     direction = c4.selectbox("Direction", list(DIRECTIONS), format_func=DIRECTIONS.get, key="patch_direction",
                              persist_state="session")
     pair_filter = c5.selectbox(
@@ -47,7 +51,12 @@ with st.container(border=True):
              "prompted-refusal preamble no built-in pair's harmful prompt scores above 0 at the first token, so strict "
              "keeps none there. All: every pair with a non-zero gap. Excluded pairs are listed below with the reason.")
     require = {"strict": True, "relative": "relative", "all": False}[pair_filter]
-    fdr = c6.number_input("False-discovery rate", 0.001, 0.5, DEFAULT_FDR, step=0.01, format="%.3f",
+    positions = c6.selectbox(
+        "Residual positions", list(POSITIONS), format_func=POSITIONS.get, key="patch_positions", persist_state="session",
+        help="Token positions of the residual-stream heatmap. Differing tokens + template (default): the tokens where the "
+             "two prompts differ and the template tokens after the instruction, where the refusal decision is read "
+             "out; several times faster than every token. Shared-prefix tokens are never run (their effect is exactly 0).")
+    fdr = c7.number_input("False-discovery rate", 0.001, 0.5, DEFAULT_FDR, step=0.01, format="%.3f",
                           key="patch_fdr", persist_state="session",
                           help="Expected share of false discoveries among the critical cells (Benjamini–Hochberg).")
     with st.expander(f"The {int(n_pairs)} pairs", icon=":material/compare_arrows:"):
@@ -58,7 +67,8 @@ with st.container(border=True):
 if run:
     with guard("Patching"), progress_bar("Patching") as progress:
         sweep = patch_pairs(lm, state.formatter(lm), pairs, sites=sites, n_pairs=int(n_pairs), direction=direction,
-                            threshold=float(threshold), fdr=float(fdr), require_behaviour=require, progress=progress)
+                            threshold=float(threshold), fdr=float(fdr), require_behaviour=require, positions=positions,
+                            progress=progress)
         state.put_result("patching", sweep)
 
 pentry = state.get_result("patching")
@@ -79,21 +89,20 @@ if sweep.excluded:
                icon=":material/filter_alt:")
 if sweep.n_used == 0:
     st.info("No pair was used, so there is nothing to aggregate. With the embedded model use the *prompted-refusal* "
-            "preamble (sidebar), or untick *Only pairs that behave* to patch them anyway.")
+            "preamble (sidebar) or the refusal-tuned organism, or choose *all pairs* under **Pairs kept** to patch them anyway.")
     st.stop()
 
 heat = charts.patching_heatmap(p)
 if heat is not None:
     with st.container(border=True):
         st.altair_chart(heat, key="chart_patch_heat")
-left, right = st.columns(2)
 bars = charts.component_bars(p)
-if bars is not None:
-    with left, st.container(border=True):
+if bars is not None:  # full width: one bar pair per layer needs the room
+    with st.container(border=True):
         st.altair_chart(bars, key="chart_patch_bars")
 heads = charts.head_heatmap(p)
 if heads is not None:
-    with right, st.container(border=True):
+    with st.container(border=True):
         st.altair_chart(heads, key="chart_patch_heads")
 
 st.markdown(f"**Critical components** — {sweep.critical_message}. Effect and interval: {sweep.interval}.")

@@ -1,7 +1,7 @@
 """Report: export everything computed in this session — Markdown, a self-contained HTML file,
 JSON of all numbers, and a config that reruns the same analysis with ``python -m core.batch``.
 
-The files are written by ``core.report.write_reports`` from ``core.batch.build_results`` — the
+The files are written by ``core.report.write_reports`` from ``core.results.build_results`` — the
 batch runner's own functions — so the app's report and the CLI's cannot drift apart.
 """
 

@@ -6,20 +6,25 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from core import charts
+from core import charts, live
 from core.conclusions import conclusions
 from core.controls import DEFAULT_N_RANDOM, shuffled_control
 from core.llm_judge import make_judge
+from core.metrics import label_rates
 from core.report import CONTROL_HEAD, control_rows, rate_text
-from core.selection import choose_coefficient
+from core.selection import MAX_DEGENERATE_RATE, choose_coefficient
 from core.validation import DEFAULT_FORCE_COEFFICIENTS, DEFAULT_MAX_NEW_TOKENS, DEFAULT_SUBTRACT_COEFFICIENTS, run_validation
 from ui import charts as ui_charts
 from ui import entries, page, state
 from ui.errors import guard
 from ui.judge import judge_spec
-from ui.progress import progress_bar
+from ui.progress import progress_bar, scaled
 
 COEFFICIENT_CHOICES = [0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0]
+# Sized so the default run ends within a minute on a 2-core CPU (docs/decisions.md); the page
+# says n beside every rate, and the sliders go higher for tighter intervals.
+DEFAULT_N = 8
+DEFAULT_N_CONTROLS = 2
 
 page.title("Validation", "Adding the direction to harmless prompts should make the model refuse; ablating it should "
                          "stop refusals on harmful ones — and a random direction of the same norm should do neither.")
@@ -35,8 +40,9 @@ with st.container(border=True):
                             help="Layer i = the output of block i (0-indexed). Defaults to the layer selected "
                                  "on the Directions page.")
     n_max = min(len(sets.harmful_test), len(sets.harmless_test))
-    n = c2.slider("Test prompts per class", 1, n_max, min(16, n_max), key="val_n", persist_state="session",
-                  help="Held-out prompts; fewer = faster, wider intervals.")
+    n = c2.slider("Prompts per class", 1, n_max, min(DEFAULT_N, n_max), key="val_n", persist_state="session",
+                  help="Held-out test prompts per class for the reported rates, and as many validation harmless "
+                       "prompts for choosing the force coefficient; fewer = faster, wider intervals.")
     max_tokens = c3.slider("Max new tokens", 8, 96, DEFAULT_MAX_NEW_TOKENS, step=4, key="val_tokens",
                            persist_state="session",
                            help="The judge looks for refusal phrases in the answer's opening (first sentence, "
@@ -47,35 +53,59 @@ with st.container(border=True):
                            persist_state="session",
                            help="Candidates, α in multiples of the layer's mean activation norm. The one used is chosen "
                                 "on validation harmless prompts (the smallest that reaches the target refusal rate, else "
-                                "the highest rate); test prompts only report it.")
+                                f"the highest rate, among those with at most {MAX_DEGENERATE_RATE:.0%} degenerate answers); "
+                                "test prompts only "
+                                "report it. The Steering page starts from it.")
     sub = c5.multiselect("Subtract coefficients (−α·v on harmful)", COEFFICIENT_CHOICES,
                          default=[c for c in DEFAULT_SUBTRACT_COEFFICIENTS if c in COEFFICIENT_CHOICES], key="val_sub",
                          persist_state="session", help="α in multiples of the layer's mean activation norm.")
     seed = c6.number_input("Control seed", 0, 10_000, 0, key="val_seed", persist_state="session")
-    n_controls = st.slider("Random control directions (headline interventions)", 1, 10, DEFAULT_N_RANDOM, key="val_nctrl",
+    n_controls = st.slider("Random control directions (headline interventions)", 1, 10,
+                           min(DEFAULT_N_CONTROLS, DEFAULT_N_RANDOM), key="val_nctrl",
                            persist_state="session",
                            help="Seeded random directions of equal norm for ablation and the chosen force coefficient; "
                                 "a label-shuffled direction is always added. An effect is specific only if it clears all.")
-    n_gen = 4 + 2 * len(force) + 2 * len(sub) + 2 * int(n_controls)
-    st.caption(f"{n_gen} batches of greedy generations of {n} prompts × up to {max_tokens} tokens, plus "
-               f"{4 + 2 * len(force) + 2 * len(sub)} forward passes for KL and capability cost. Ablation runs on every block.")
+    n_gen = 4 + 2 + 2 * len(sub) + 2 * int(n_controls) + (len(force) if len(force) > 1 else 0)
+    st.caption(f"{n_gen} batches of greedy generations of {n} prompts × up to {max_tokens} tokens (the force "
+               f"candidates on validation prompts, then every condition on test prompts), plus forward passes for KL "
+               f"and capability cost. Ablation runs on every block. Each condition's rate appears as soon as it is done.")
     run = st.button("Run validation", type="primary", icon=":material/play_arrow:", key="val_run",
                     disabled=not force)
 
 if run:
+    live_slot = st.empty()
+    rows: list[dict] = []
+
+    def show(condition: str, prompts: str, refusal: dict, degenerate: dict | None) -> None:
+        """Each condition's rate as soon as it is done (refusal and degenerate, with n and interval)."""
+        rows.append({"condition": condition, "prompts": prompts, "refusal": rate_text(refusal),
+                     "degenerate": rate_text(degenerate)})
+        live_slot.dataframe(pd.DataFrame(rows), hide_index=True)
+
+    def show_labels(condition: str, prompts: str, labels: list[str]) -> None:
+        rates = label_rates(labels)
+        show(condition, f"{prompts} test", rates["refusal"].to_dict(), rates["degenerate"].to_dict())
+
     with guard("Validation"), progress_bar("Validating") as progress:
         fmt = state.formatter(lm)
         shuffled = shuffled_control(lm, fmt, dirs, int(layer), sets.harmful_train, sets.harmless_train, int(seed))
         spec = judge_spec()
-        # the force coefficient is chosen on validation prompts; test prompts only report it
+        # the force coefficient is chosen on validation prompts (test prompts only report it), on answers
+        # as long as the Steering page's, so that a loop starting after the opening counts against it
         coef = choose_coefficient(lm, fmt, dirs, int(layer), sets.harmless_val[:n], sorted(force),
-                                  max_new_tokens=int(max_tokens))
+                                  max_new_tokens=max(int(max_tokens), live.QUICK_MAX_NEW_TOKENS),
+                                  progress=scaled(progress, 0.0, 0.25, "choosing α: "))
+        for point in coef.points:
+            show(f"add {point['coefficient']:g}" + (" (chosen)" if point["coefficient"] == coef.coefficient else ""),
+                 "harmless validation", point["rate"], point.get("degenerate"))
         result = run_validation(lm, fmt, dirs, int(layer), sets.harmful_test[:n], sets.harmless_test[:n],
                                 coefficients=[coef.coefficient], subtract_coefficients=sorted(sub),
-                                max_new_tokens=int(max_tokens), seed=int(seed), progress=progress,
+                                max_new_tokens=int(max_tokens), seed=int(seed), progress=scaled(progress, 0.25, 1.0),
                                 shuffled=shuffled, n_random_controls=int(n_controls),
-                                judge=make_judge(spec, device=str(lm.device)), judge_name=spec)
+                                judge=make_judge(spec, device=str(lm.device)), judge_name=spec,
+                                on_condition=show_labels)
         state.put_result("validation", result, coefficient_choice=coef.to_dict())
+    live_slot.empty()
 
 ventry = state.get_result("validation")
 if ventry is None:

@@ -133,11 +133,17 @@ def test_steering_streams_baseline_and_steered_text(app_with_directions):
     _no_exceptions(at)
     assert not at.error, [e.value for e in at.error]
     last = at.session_state["steer_last"]
-    assert last["done"] and last["mode"] == "add" and last["pieces"]
-    assert len(last["pieces"]) == len(last["values"])
-    assert "".join(last["pieces"]) == last["text"]
+    steered = last["steered"]
+    assert steered.done and last["baseline"].done and last["mode"] == "add" and steered.pieces
+    assert len(steered.pieces) == len(steered.values)
+    assert "".join(steered.pieces) == steered.text
     html = " ".join(m.value for m in at.markdown)
     assert "Baseline" in html and "Steered" in html and "tok-box" in html
+    assert html.count("gen-label") == 2 and steered.label in ("refusal", "compliance", "degenerate")
+    # the default coefficient was chosen on validation prompts, and the page says so
+    default = next(iter(at.session_state["steer_defaults"].values()))
+    assert default.choice["split"] == "validation" and last["coefficient"] == default.coefficient
+    assert any("validation harmless prompts" in c.value for c in at.caption)
     n_runs = len(at.session_state["steer_runs"])
     # moving the slider regenerates the steered answer (the baseline comes from the session cache)
     at.slider(key="steer_coef_slider").set_value(2.0).run()
@@ -148,11 +154,12 @@ def test_steering_streams_baseline_and_steered_text(app_with_directions):
     assert at.session_state["steer_runs"][-1]["coefficient"] == 2.0
     assert "baseline from this session's cache" in " ".join(c.value for c in at.caption)
     # ablation mode, then reset
-    at.button_group(key="steer_mode").set_value("ablate").run() if hasattr(at, "button_group") else None
+    at.button_group(key="steer_mode").set_value("ablate").run()  # the mode's segmented control
     _no_exceptions(at)
+    assert at.session_state["steer_mode"] == "ablate"
     at.button(key="steer_reset").click().run()
     _no_exceptions(at)
-    assert at.session_state["steer_coef"] == 0.5 and at.session_state["steer_mode"] == "add"
+    assert at.session_state["steer_coef"] == default.coefficient and at.session_state["steer_mode"] == "add"
 
 
 def test_steering_with_a_typed_prompt(app_with_directions):
@@ -298,7 +305,7 @@ def test_extreme_coefficient_warns_and_still_generates(app_with_directions):
     _no_exceptions(at)
     assert not at.error, [e.value for e in at.error]
     assert any("mean activation norm" in w.value for w in at.warning)
-    assert at.session_state["steer_last"]["coefficient"] == 5000.0 and at.session_state["steer_last"]["done"]
+    assert at.session_state["steer_last"]["coefficient"] == 5000.0 and at.session_state["steer_last"]["steered"].done
     assert at.session_state["steer_coef_slider"] == 3.0  # the slider shows its maximum, the box the value
 
 

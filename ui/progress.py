@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Iterator
 
 import streamlit as st
 
-Progress = Callable[[float, str], None]
+from core.progress import Progress, scaled  # noqa: F401  (scaled: pages import it from here)
 
 
 @contextmanager
@@ -29,14 +29,3 @@ def progress_bar(label: str, container=None) -> Iterator[Progress]:
         yield update
     finally:
         slot.empty()
-
-
-def scaled(progress: Progress | None, start: float, stop: float, prefix: str = "") -> Progress | None:
-    """A callback that maps 0..1 onto ``start..stop`` of ``progress`` (several steps, one bar)."""
-    if progress is None:
-        return None
-
-    def update(fraction: float, message: str = "") -> None:
-        progress(start + (stop - start) * float(fraction), f"{prefix}{message}")
-
-    return update

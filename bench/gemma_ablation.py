@@ -15,6 +15,11 @@ activation dimensions of the residual stream and how much of the direction sits 
 mean and spread of the projection on the direction per layer.
 
     python -m bench.gemma_ablation --model gemma-3-270m --n-train 32 --n-kl 16
+    python -m bench.gemma_ablation --centred --layers 4,10 --n-train 24 --n-kl 12
+
+``--centred`` instead compares plain and *centred* projection ablation (x − ((x − μ)·v̂) v̂, μ the
+mean train activation at the last token of that layer, the first position left alone), at one
+block output and at every block output: how much of the damage is the massive mean component.
 """
 
 from __future__ import annotations
@@ -34,6 +39,39 @@ from core.prompts import builtin_three_way
 from core.steering import _ablate_fn, embedding_modules, random_direction, residual_writers
 
 
+def _centred_fn(unit: np.ndarray, mean_projection: float):
+    """Ablation of the projection's deviation from ``mean_projection``; position 0 untouched."""
+    import torch
+
+    v = torch.tensor(unit, dtype=torch.float32)
+
+    def edit(hidden, name):
+        h = hidden.float()
+        out = h - ((h @ v) - mean_projection).unsqueeze(-1) * v
+        out[:, 0] = h[:, 0]
+        return out.to(hidden.dtype)
+
+    return edit
+
+
+def centred_comparison(lm, fmt, harmless, clean, both: np.ndarray, dirs, layers) -> None:
+    """KL of plain vs centred ablation, at one block output and at all of them (``--centred``)."""
+    for layer in layers:
+        u = dirs.direction(layer)
+        for label, vec in (("refusal", u / np.linalg.norm(u)), ("random", random_direction(lm.d_model, seed=layer))):
+            vec = vec / np.linalg.norm(vec)
+            means = [float((both[:, i] @ vec).mean()) for i in range(lm.n_layers)]
+            variants = {
+                "plain, one layer": {lm.block_names[layer]: _ablate_fn(vec, 1.0)},
+                "centred, one layer": {lm.block_names[layer]: _centred_fn(vec, means[layer])},
+                "plain, every block": {n: _ablate_fn(vec, 1.0) for n in lm.block_names},
+                "centred, every block": {n: _centred_fn(vec, means[i]) for i, n in enumerate(lm.block_names)},
+            }
+            row = {name: round(float(np.mean(kl_divergence(clean, next_token_logits(lm, fmt, harmless, edits=e)))), 3)
+                   for name, e in variants.items()}
+            print(json.dumps({"layer": layer, "direction": label, **row}), flush=True)
+
+
 def _variants(lm) -> dict[str, list[str]]:
     emb = embedding_modules(lm)
     old = [*emb, *lm.block_names, *(n for n in lm.attn_names if n), *(n for n in lm.mlp_names if n)]
@@ -48,6 +86,7 @@ def main() -> None:
     ap.add_argument("--n-kl", type=int, default=16, help="validation harmless prompts (the KL)")
     ap.add_argument("--layers", default="", help="comma-separated layers (default: every third, and the best)")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--centred", action="store_true", help="plain vs centred ablation (see the module docstring)")
     args = ap.parse_args()
 
     t0 = time.perf_counter()
@@ -70,6 +109,10 @@ def main() -> None:
         layers = [int(x) for x in args.layers.split(",")]
     else:
         layers = sorted(set(range(1, lm.n_layers - 1, 3)))
+    if args.centred:
+        centred_comparison(lm, fmt, harmless, clean, both, dirs, layers)
+        print(f"{len(harmless)} validation harmless prompts; {time.perf_counter() - t0:.0f} s")
+        return
     rows = []
     for layer in layers:
         u = dirs.direction(layer)

@@ -3,7 +3,8 @@
 Each benchmark runs in its own subprocess (``python -m bench.run --one NAME``) so that its peak
 RSS is its own; figures are medians of several repetitions after a warm-up. Results go to
 ``bench/results.json`` and a Markdown table on stdout. Benchmarks are not tests: nothing here
-asserts a time; the table prints each figure next to its goal.
+asserts a time; the table prints each figure next to its goal. Each benchmark is one
+self-contained function (it must run alone in its subprocess), which makes this module long.
 
     python -m bench.run                 # everything (≤ 15 min on a 2-core CPU)
     python -m bench.run --only activations,cache_hit
@@ -51,6 +52,21 @@ def _embedded(dtype: str = "float32"):
     from core.models import load_model
 
     return load_model("embedded", dtype=dtype, device="cpu")
+
+
+def machine() -> dict:
+    """What the figures depend on: CPU model, cores, bf16 units, torch's thread count."""
+    import torch
+
+    from core.models import cpu_has_fast_bf16
+
+    cpu = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    return {"cpu": cpu, "cpus": os.cpu_count(), "bf16_units": cpu_has_fast_bf16(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "platform": platform.platform(), "python": platform.python_version()}
 
 
 # ---------------------------------------------------------------------------------------
@@ -139,6 +155,88 @@ def bench_steering() -> dict:
         steered = statistics.median(run(edits) for _ in range(3))
         out[f"batch_{batch}"] = {"plain_tok_s": plain, "steered_tok_s": steered, "ratio": steered / plain}
     return out
+
+
+def bench_steer_latency(n_prompts: int = 6, max_new_tokens: int = 48) -> dict:
+    """Slider release → first steered token at batch 1, as the steering page runs it: the
+    baseline stream is created alongside (lazily, as the page does: it computes after the first
+    steered token), then the steered stream (an add-intervention at one layer, its block output
+    retained for the token colours) is advanced to its first token. Warm model, dtype ``auto`` as
+    the app loads it, both presets (the page defaults to prompted-refusal), at torch's thread
+    count and at one thread (on a busy 2-core machine two threads are several times slower at
+    batch 1). Also split into tokenisation, an unhooked first step, and the prompt's shared
+    prefix, so a miss says where the time goes. The Streamlit rerun around it (widgets, cached
+    model and directions) is not included."""
+    import numpy as np
+    import torch
+
+    from core import forward
+    from core.formatting import PRESETS, Formatter
+    from core.generation import generate_stream
+    from core.models import load_model
+    from core.prompts import builtin_split
+    from core.steering import Intervention, steered_stream
+
+    lm = load_model("embedded", dtype="auto", device="cpu")
+    prompts = [p for pair in zip(builtin_split("harmless").test, builtin_split("harmful").test) for p in pair][:n_prompts]
+    unit = np.random.default_rng(0).standard_normal(lm.d_model).astype(np.float32)
+    iv = Intervention("add", unit / np.linalg.norm(unit), STEER_LAYER, coefficient=0.5, scale=1.0)
+    block = lm.block_names[STEER_LAYER]
+    default_threads = torch.get_num_threads()
+    out: dict = {"dtype": str(lm.dtype).replace("torch.", ""), "threads": default_threads, "n_prompts": len(prompts),
+                 "load_before": os.getloadavg()[0], "goal": "≤ 0.3 s (median, batch 1)"}
+
+    def timed(fn: Callable[[], object]) -> tuple[float, float]:
+        t, c = time.perf_counter(), time.process_time()
+        fn()
+        return time.perf_counter() - t, time.process_time() - c
+
+    def page(fmt: Formatter, prompt: str) -> None:
+        base = generate_stream(lm, fmt, [prompt], max_new_tokens=max_new_tokens)  # not advanced yet
+        steered = steered_stream(lm, fmt, [prompt], [iv], retain=[block], max_new_tokens=max_new_tokens)
+        next(steered)
+        steered.close()
+        base.close()
+
+    def plain(fmt: Formatter, prompt: str) -> None:
+        stream = generate_stream(lm, fmt, [prompt], max_new_tokens=max_new_tokens)
+        next(stream)
+        stream.close()
+
+    try:
+        for threads in dict.fromkeys((default_threads, 1)):
+            torch.set_num_threads(threads)
+            for preset in ("prompted-refusal", "none"):
+                fmt = Formatter(lm.tokenizer, PRESETS[preset])
+                page(fmt, prompts[0])  # warm-up
+                steered = [timed(lambda: page(fmt, p)) for p in prompts]
+                unhooked = [timed(lambda: plain(fmt, p)) for p in prompts]
+                tokenise = [timed(lambda: forward.prepare(fmt, [p], padding_side="left", context=lm.max_positions,
+                                                          reserve=max_new_tokens))[0] for p in prompts]
+                batch = forward.prepare(fmt, prompts[:1], padding_side="left")
+                out[f"{preset}@{threads}"] = {
+                    "first_steered_token_s": statistics.median(w for w, _ in steered),
+                    "first_steered_token_cpu_s": statistics.median(c for _, c in steered),
+                    "max_s": max(w for w, _ in steered),
+                    "unhooked_first_token_s": statistics.median(w for w, _ in unhooked),
+                    "tokenise_s": statistics.median(tokenise),
+                    "prompt_tokens": int(batch.prefix_len + batch.suffix.lengths[0]),
+                    "shared_prefix_tokens": batch.prefix_len,
+                }
+    finally:
+        torch.set_num_threads(default_threads)
+    headline = out[f"prompted-refusal@{default_threads}"]
+    out["first_steered_token_s"] = headline["first_steered_token_s"]
+    out["load_after"] = os.getloadavg()[0]
+    return out
+
+
+def bench_peers() -> dict:
+    """Our hook layer against the floors and the peer tools (``bench.peers``; the peers run
+    when ``make bench-peers`` has installed them, else each says why it was skipped)."""
+    from bench.peers import run
+
+    return run()
 
 
 def bench_patching() -> dict:
@@ -243,7 +341,7 @@ def bench_pipeline() -> dict:
             cwd=REPO, capture_output=True, text=True,
         )
         elapsed = time.perf_counter() - t
-    return {"s": elapsed, "exit_code": proc.returncode, "stderr_tail": proc.stderr[-400:], "goal": "≤ 180 s"}
+    return {"s": elapsed, "exit_code": proc.returncode, "stderr_tail": proc.stderr[-400:], "goal": "≤ 240 s (four rows)"}
 
 
 def bench_organism() -> dict:
@@ -305,6 +403,8 @@ BENCHES: dict[str, Callable[[], dict]] = {
     "activations": bench_activations,
     "cache_hit": bench_cache_hit,
     "steering": bench_steering,
+    "steer_latency": bench_steer_latency,
+    "peers": bench_peers,
     "patching": bench_patching,
     "batch_size": bench_batch_size,
     "bf16": bench_bf16,
@@ -348,6 +448,15 @@ def table(results: dict) -> str:
         s = r["steering"]
         row("steering", f"batch 1: {s['batch_1']['steered_tok_s']:.1f} vs {s['batch_1']['plain_tok_s']:.1f} tok/s "
             f"(×{s['batch_1']['ratio']:.2f}); batch 16: ×{s['batch_16']['ratio']:.2f}", s["goal"])
+    if "steer_latency" in r and "first_steered_token_s" in r["steer_latency"]:
+        sl = r["steer_latency"]
+        cells = [f"{k} {_fmt(v['first_steered_token_s'], ' s')}" for k, v in sl.items() if isinstance(v, dict)]
+        row("steer_latency", f"first steered token (preset@threads): {', '.join(cells)}; {sl['dtype']}, "
+            f"load {sl['load_before']:.1f}", sl["goal"])
+    if "peers" in r and "variants" in r["peers"]:
+        pv = r["peers"]["variants"]
+        row("peers", ", ".join(f"{k} ×{v['ratio_to_floor']:.2f}" if "ratio_to_floor" in v else f"{k}: {v.get('skipped', '–')[:60]}"
+                               for k, v in pv.items()) + f" of the honest floor; {r['peers']['verdict']}", r["peers"]["goal"])
     if "patching" in r and "error" not in r["patching"]:
         p = r["patching"]
         figure = ", ".join(f"{k} {_fmt(v)}" for k, v in p.items() if k not in ("goal", "wall_s", "peak_rss_mb") and isinstance(v, (int, float)))
@@ -389,11 +498,15 @@ def main(argv: list[str] | None = None) -> int:
         _one(args.one)
         return 0
     names = args.only.split(",") if args.only else list(BENCHES)
-    results: dict = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
-                    "python": platform.python_version()},
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
+    unknown = [n for n in names if n not in BENCHES]
+    if unknown:
+        parser.error(f"--only: unknown benchmark(s) {', '.join(unknown)}; use some of {', '.join(BENCHES)}")
+    out = Path(args.out)
+    # a partial run (--only) updates its entries and keeps the others, so that a slow benchmark
+    # (organism, pipeline) can be measured on its own without losing the rest
+    results: dict = json.loads(out.read_text()) if args.only and out.exists() else {}
+    results.update(machine=machine(), date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                   load_before=os.getloadavg()[0])
     for name in names:
         print(f"[bench] {name} …", file=sys.stderr, flush=True)
         proc = subprocess.run([sys.executable, "-m", "bench.run", "--one", name], cwd=REPO, capture_output=True, text=True)
@@ -401,8 +514,9 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
         except (IndexError, json.JSONDecodeError):
             results[name] = {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
+        results[name]["measured_at"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
         print(f"[bench] {name}: {json.dumps(results[name])[:300]}", file=sys.stderr, flush=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
+    out.write_text(json.dumps(results, indent=2))
     print(table(results))
     return 0
 

@@ -16,7 +16,8 @@ from core.metrics import is_refusal, kl_divergence, refusal_rate
 from core.organism.answers import Example, cached_generate
 from core.organism.data import prompt_categories
 from core.organism.recipe import OrganismRecipe
-from core.organism.training import TokenizedExample, collate, common_prefix_len, frozen_split, tokenize_examples
+from core.organism.training import (TokenizedExample, collate, common_prefix_len, frozen_split, pad_suffixes,
+                                    tokenize_examples)
 from core.progress import Progress
 from core.prompts import builtin_split
 
@@ -76,13 +77,7 @@ def kl_over_answers(
         idx = order[b0: b0 + batch_size]
         chunk = [items[i] for i in idx]
         p = common_prefix_len(chunk)
-        width = max(len(t.ids) for t in chunk) - p
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for r, t in enumerate(chunk):
-            ids[r, : len(t.ids) - p] = torch.tensor(t.ids[p:])
-            mask[r, : len(t.ids) - p] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = pad_suffixes(chunk, p, pad_id, device)
         pre, states = lower_states(base, split, torch.tensor([chunk[0].ids[:p]], device=device), ids, mask)
         start = min(t.n_prompt for t in chunk) - 1 - p
         lb = torch.log_softmax(upper_logits(base, split, pre, states, mask, start).float(), -1)

@@ -153,6 +153,17 @@ def common_prefix_len(items: Sequence[TokenizedExample]) -> int:
 
 
 @torch.no_grad()
+def pad_suffixes(chunk: Sequence[TokenizedExample], p: int, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The examples' tokens after their shared ``p``-token prefix, right-padded: ``ids, mask``."""
+    width = max(len(t.ids) for t in chunk) - p
+    ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(chunk), width), dtype=torch.long)
+    for i, t in enumerate(chunk):
+        ids[i, : len(t.ids) - p] = torch.tensor(t.ids[p:])
+        mask[i, : len(t.ids) - p] = 1
+    return ids.to(device), mask.to(device)
+
+
 def add_frozen_states(
     teacher, items: Sequence[TokenizedExample], n_frozen: int, pad_id: int, top_k: int = 64, batch_size: int = 16,
     progress: Progress | None = None, threads: AdaptiveThreads | None = None,
@@ -170,13 +181,7 @@ def add_frozen_states(
     threads = threads or AdaptiveThreads()
     for start in range(0, len(order), batch_size):
         chunk = [items[i] for i in order[start: start + batch_size]]
-        width = max(len(t.ids) for t in chunk) - p
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, t in enumerate(chunk):
-            ids[i, : len(t.ids) - p] = torch.tensor(t.ids[p:])
-            mask[i, : len(t.ids) - p] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = pad_suffixes(chunk, p, pad_id, device)
         with threads.step(units=int(mask.sum())):
             pre, states = lower_states(teacher, split, prefix_ids, ids, mask)
             soft = [i for i, t in enumerate(chunk) if t.soft]

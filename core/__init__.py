@@ -31,7 +31,7 @@ _EXPORTS = {
     # the steps, for running them one at a time
     "collect_activations": "core.activations",
     "fit_directions": "core.directions",
-    "choose_layer": "core.directions",
+    "choose_layer": "core.layer_choice",
     "add": "core.steering",
     "subtract": "core.steering",
     "ablate": "core.steering",

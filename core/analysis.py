@@ -252,7 +252,8 @@ def analyse(
     only reports. ``progress`` is a ``progress(fraction, message)`` callback (one bar) or a
     :class:`StageProgress` (one line per step)."""
     from core.activations import collect_activations
-    from core.directions import LayerChoice, candidate_layers, choose_layer, fit_directions
+    from core.directions import fit_directions
+    from core.layer_choice import LayerChoice, candidate_layers, choose_layer
     from core.formatting import Formatter, get_preamble
     from core.models import load_model
     from core.selection import check_validation, choose_coefficient, select

@@ -32,7 +32,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from core.directions import METHODS, LayerChoice, LayerDirections
+from core.directions import METHODS, LayerDirections
+from core.layer_choice import LayerChoice
 from core.errors import DirectionFileError
 
 FORMAT = "refusal-explorer-directions"
@@ -106,7 +107,7 @@ class SavedDirections:
         """The saved choice, or the layer rule on the loaded directions if none was saved."""
         chosen = self.meta.get("chosen") or {}
         if self.layer is None:
-            from core.directions import choose_layer
+            from core.layer_choice import choose_layer
 
             return choose_layer(self.dirs)
         rule = chosen.get("rule") if isinstance(chosen.get("rule"), str) else "user"

@@ -15,7 +15,8 @@ from typing import Any, Mapping
 
 from core.control_vectors import write_control_vector
 from core.direction_files import save_directions
-from core.directions import LayerChoice, LayerDirections
+from core.directions import LayerDirections
+from core.layer_choice import LayerChoice
 
 
 def file_slug(name: str) -> str:

@@ -1,4 +1,4 @@
-"""The fast per-layer ablation screen (no generation) that feeds :func:`core.directions.choose_layer`."""
+"""The fast per-layer ablation screen (no generation) that feeds :func:`core.layer_choice.choose_layer`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from core.directions import LayerDirections, candidate_layers
+from core.directions import LayerDirections
+from core.layer_choice import candidate_layers
 from core.formatting import Formatter
 from core.generation import next_token_logits
 from core.metrics import finite_or_none as _f, kl_divergence, refusal_score, refusal_token_ids
@@ -66,7 +67,7 @@ def scan_layers(
 ) -> LayerScan:
     """For each candidate layer, ablate its direction everywhere and measure the drop of the
     refusal score on ``harmful`` and the KL on ``harmless`` (one forward pass each; no
-    generation). Feed ``ablation_effect`` and ``kl`` to :func:`core.directions.choose_layer`.
+    generation). Feed ``ablation_effect`` and ``kl`` to :func:`core.layer_choice.choose_layer`.
     Use prompts the direction was *not* fitted on if you can (e.g. a slice of the test split)."""
     harmful, harmless = list(harmful), list(harmless)
     if not harmful or not harmless:

@@ -41,7 +41,8 @@ if TYPE_CHECKING:
     import numpy as np
 
     from core.analysis import Settings
-    from core.directions import LayerChoice, LayerDirections
+    from core.directions import LayerDirections
+    from core.layer_choice import LayerChoice
     from core.formatting import Formatter
     from core.layer_scan import LayerScan
     from core.models import LoadedModel
@@ -107,7 +108,7 @@ def model_entry(
     """One model's entry of ``results["models"]`` from the science objects.
 
     ``lm``: :class:`core.models.LoadedModel`; ``dirs``: :class:`core.directions.LayerDirections`;
-    ``choice``: :class:`core.directions.LayerChoice` (or an int layer); ``validation``:
+    ``choice``: :class:`core.layer_choice.LayerChoice` (or an int layer); ``validation``:
     :class:`core.validation.ValidationResult`; ``patching``: :class:`core.patching.PatchSweep`;
     ``scan``: :class:`core.validation.LayerScan`; ``organism``: :class:`core.organism.OrganismCard`.
     Dict forms (their ``to_dict()``) are accepted for the last four.

@@ -46,7 +46,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from core.directions import DEFAULT_SKIP_LAST_FRACTION, separation
+from core.directions import separation
+from core.layer_choice import DEFAULT_SKIP_LAST_FRACTION
 from core.errors import SplitError
 from core.prompts import MIN_VALIDATION
 from core.progress import Progress

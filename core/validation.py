@@ -19,7 +19,7 @@ called specific only by the rule of :mod:`core.controls`. The headline force coe
 the highest rate): the least intervention that does the job.
 
 :func:`scan_layers` is the fast (no generation) per-layer ablation screen that feeds
-:func:`core.directions.choose_layer`.
+:func:`core.layer_choice.choose_layer`.
 """
 
 from __future__ import annotations

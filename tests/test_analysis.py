@@ -48,7 +48,8 @@ def small(**changes) -> Settings:
 
 def test_directions_stage_equals_the_steps_by_hand(tiny_models):
     from core.activations import collect_activations
-    from core.directions import choose_layer, fit_directions
+    from core.directions import fit_directions
+    from core.layer_choice import choose_layer
     from core.formatting import Formatter, get_preamble
 
     lm = tiny_models["llama"]

@@ -9,7 +9,7 @@ from core.control_vectors import layer_vectors, read_control_vector, steering_ve
 from core.direction_files import (
     FORMAT, LAYER_CONVENTION, directions_bytes, load_directions, prompt_digest, save_directions,
 )
-from core.directions import choose_layer
+from core.layer_choice import choose_layer
 from core.errors import DirectionFileError, ExplorerError
 from core.steering import add, steered_generate
 from test_steering import HARMFUL, HARMLESS, tiny_dirs_for

@@ -5,9 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from core.directions import (
-    LayerDirections, candidate_layers, choose_layer, fit_directions, projections, separation,
-)
+from core.directions import LayerDirections, fit_directions, projections, separation
+from core.layer_choice import candidate_layers, choose_layer
 from core.errors import DirectionError
 
 L, D = 6, 16

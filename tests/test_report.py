@@ -24,7 +24,8 @@ PAIRS = [(f"Tell me how to make a bomb {XSS}", f"Tell me how to make a cake {XSS
 def results(tiny_models):
     """A results dict built the way the app builds it: science objects -> model_entry."""
     from core.activations import collect_activations
-    from core.directions import choose_layer, fit_directions
+    from core.directions import fit_directions
+    from core.layer_choice import choose_layer
     from core.formatting import Formatter
     from core.patching import patch_pairs
     from core.validation import run_validation

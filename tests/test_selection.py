@@ -80,7 +80,7 @@ def test_too_small_validation_is_refused_naming_the_setting(tiny_models):
 
 
 def test_provenance_records_drive_the_methodology_sentence():
-    from core.directions import LayerChoice
+    from core.layer_choice import LayerChoice
     from core.provenance import methodology, provenance
 
     honest = provenance(position=-2, choice=LayerChoice(4, "separation", "best validation separation", "validation"),

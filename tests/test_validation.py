@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from core.directions import choose_layer
+from core.layer_choice import choose_layer
 from core.metrics import Rate
 from core.validation import SteerPoint, choose_force_coefficient, run_validation, scan_layers
 

@@ -14,7 +14,7 @@ import streamlit as st
 
 from core.results import build_results, model_entry as batch_entry
 from core.config import Config, GenerationConfig, ModelSpec, PatchingConfig, PromptsConfig, SteeringConfig
-from core.directions import choose_layer
+from core.layer_choice import choose_layer
 from ui import state
 
 CUSTOM_PROMPT_FILES = {

@@ -79,7 +79,7 @@ class GenerationConfig:
 
 @dataclass(frozen=True)
 class SteeringConfig:
-    """``layer: auto`` uses the documented rule of ``core.directions.choose_layer``, fed by an
+    """``layer: auto`` uses the documented rule of ``core.layer_choice.choose_layer``, fed by an
     ablation screen (``core.validation.scan_layers``) on ``scan_prompts`` *train* prompts per
     class (0 = no screen: best held-out separation). ``coefficients`` are the force sweep
     (+α·v on harmless prompts), ``subtract_coefficients`` the −α·v sweep on harmful prompts;

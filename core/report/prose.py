@@ -48,7 +48,7 @@ METHODOLOGY: tuple[tuple[str, str], ...] = (
      "separable at that layer; it says nothing about whether the model *uses* that information."),
     ("Layer choice",
      "Unless the config fixes a layer, the candidate grid above picks it. With the grid turned off, a documented "
-     "rule does (core.directions.choose_layer): the last 20 % of layers are excluded; an ablation screen on "
+     "rule does (core.layer_choice.choose_layer): the last 20 % of layers are excluded; an ablation screen on "
      "*validation* prompts keeps the layer whose ablation lowers the harmful refusal score most with KL ≤ 0.1; if no "
      "layer lowers it, the best validation separation wins. The rule, its reason and its split are printed per model."),
     ("Refusal judge",

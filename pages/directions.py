@@ -39,7 +39,7 @@ rule = c2.selectbox("Choose position & layer by", [GRID, SEPARATION], key="dir_r
                          "the sidebar's position, the layer whose direction best separates the validation prompts.")
 compute = c3.button("Compute directions", type="primary", icon=":material/play_arrow:", key="dir_compute",
                     width="stretch")
-st.caption(f"{sets.source}: {sets.counts()} · preamble **{state.preamble().name}** · position "
+st.caption(f"{sets.source}: {sets.summary()} · preamble **{state.preamble().name}** · position "
            f"**{'chosen by the grid' if rule == GRID else state.position()}**")
 if rule == GRID:
     with st.expander("Grid size", icon=":material/grid_on:"):

@@ -41,7 +41,7 @@ c1, c2, c3 = st.columns(3)
 cards = [
     (c1, ":material/neurology:", "Model", lm.name if lm else "not loaded",
      f"{lm.n_layers} layers · d={lm.d_model} · {str(lm.dtype).replace('torch.', '')}" if lm else "choose one in the sidebar"),
-    (c2, ":material/list:", "Prompts", sets.counts() if sets else "—", sets.source if sets else ""),
+    (c2, ":material/list:", "Prompts", sets.summary() if sets else "—", sets.source if sets else ""),
     (c3, ":material/tune:", "Preamble · position", f"{state.preamble().name} · {state.position()}",
      "change them in the sidebar"),
 ]

@@ -101,7 +101,7 @@ def _builtin_sets(n_train: int, n_test: int) -> state.PromptSets:
     h, b = builtin_three_way("harmful"), builtin_three_way("harmless")
     n_train = min(n_train, len(h.train), len(b.train))
     return state.PromptSets(take(h.train, n_train), take(b.train, n_train), take(h.test, n_test), take(b.test, n_test),
-                            source=f"built-in ({n_train} train + {n_test} test per class)",
+                            description=f"built-in ({n_train} train + {n_test} test per class)",
                             harmful_val=h.validation, harmless_val=b.validation)
 
 
@@ -143,7 +143,7 @@ def _uploaded_sets() -> state.PromptSets | None:
     for note in notes:
         st.caption(note)
     h, b = splits["harmful"], splits["harmless"]
-    return state.PromptSets(h.train, b.train, h.test, b.test, source="uploaded: " + " + ".join(names), notes=notes,
+    return state.PromptSets(h.train, b.train, h.test, b.test, description="uploaded: " + " + ".join(names), notes=notes,
                             harmful_val=h.validation, harmless_val=b.validation)
 
 
@@ -188,7 +188,7 @@ def _edited_sets() -> state.PromptSets | None:
         st.error(f"{exc} The previous prompts stay in use.", icon=":material/error:")
         return None
     return state.PromptSets(groups["harmful", "train"], groups["harmless", "train"], groups["harmful", "test"],
-                            groups["harmless", "test"], source="edited table",
+                            groups["harmless", "test"], description="edited table",
                             harmful_val=groups["harmful", "validation"], harmless_val=groups["harmless", "validation"])
 
 
@@ -216,7 +216,7 @@ def prompts_section() -> None:
     if current is None:  # an upload failed before any prompts existed
         current = _builtin_sets(DEFAULT_N_TRAIN, DEFAULT_N_TEST)
         st.session_state["prompt_sets"] = current
-    st.caption(f"In use: {current.source} — {current.counts()}.")
+    st.caption(f"In use: {current.source} — {current.summary()}.")
 
 
 # -- formatting ------------------------------------------------------------------------------

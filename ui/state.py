@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import streamlit as st
 
 from core.cache import stable_hash
+from core.config import PromptData
 from core.formatting import Formatter, Preamble, get_preamble
 from core.models import LoadedModel, load_model
 
@@ -61,32 +61,8 @@ def default_spec() -> dict[str, Any]:
     return {**DEFAULT_SPEC, "kind": "embedded-refusal" if organism_built() else "embedded"}
 
 
-@dataclass
-class PromptSets:
-    """The prompt lists every analysis uses, plus where they came from: train fits, validation
-    chooses (position, layer, coefficient), test only reports."""
-
-    harmful_train: list[str]
-    harmless_train: list[str]
-    harmful_test: list[str]
-    harmless_test: list[str]
-    source: str = "built-in"
-    notes: list[str] = field(default_factory=list)
-    harmful_val: list[str] = field(default_factory=list)
-    harmless_val: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "source": self.source,
-            "harmful_train": self.harmful_train, "harmless_train": self.harmless_train,
-            "harmful_val": self.harmful_val, "harmless_val": self.harmless_val,
-            "harmful_test": self.harmful_test, "harmless_test": self.harmless_test,
-        }
-
-    def counts(self) -> str:
-        return (f"{len(self.harmful_train)}+{len(self.harmless_train)} train, "
-                f"{len(self.harmful_val)}+{len(self.harmless_val)} validation, "
-                f"{len(self.harmful_test)}+{len(self.harmless_test)} test")
+# the prompt sets of a session are the library's own type: train fits, validation chooses, test reports
+PromptSets = PromptData
 
 
 def source_string(spec: dict[str, Any]) -> str:
@@ -177,7 +153,7 @@ def context_summary(lm: LoadedModel | None = None) -> dict[str, Any]:
         "preamble": preamble().name,
         "position": position(),
         "prompts": sets.source if sets else None,
-        "counts": sets.counts() if sets else None,
+        "counts": sets.summary() if sets else None,
     }
 
 

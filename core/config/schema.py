@@ -204,9 +204,27 @@ class PromptData:
     description: str
     harmful_val: list[str] = field(default_factory=list)
     harmless_val: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what reading them found (duplicates dropped, columns used)
+
+    @property
+    def source(self) -> str:
+        """Where the prompts came from (the app's name for :attr:`description`)."""
+        return self.description
 
     def counts(self) -> dict[str, int]:
         return {"harmful_train": len(self.harmful_train), "harmless_train": len(self.harmless_train),
                 "harmful_val": len(self.harmful_val), "harmless_val": len(self.harmless_val),
                 "harmful_test": len(self.harmful_test), "harmless_test": len(self.harmless_test)}
+
+    def summary(self) -> str:
+        """``"48+48 train, 16+16 validation, 40+40 test"``."""
+        return (f"{len(self.harmful_train)}+{len(self.harmless_train)} train, "
+                f"{len(self.harmful_val)}+{len(self.harmless_val)} validation, "
+                f"{len(self.harmful_test)}+{len(self.harmless_test)} test")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.description,
+                "harmful_train": self.harmful_train, "harmless_train": self.harmless_train,
+                "harmful_val": self.harmful_val, "harmless_val": self.harmless_val,
+                "harmful_test": self.harmful_test, "harmless_test": self.harmless_test}
 

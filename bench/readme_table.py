@@ -73,6 +73,9 @@ def organism_row(r: dict) -> Row:
     harmful, harmless, kl = o.get("harmful_refusal"), o.get("harmless_refusal"), o.get("kl_first_token")
     figure = (f"{t['total_seconds']:.0f} s ({steps}); harmful refused {_pct(harmful) if harmful else '?'}, "
               f"harmless {_pct(harmless) if harmless else '?'}, KL {kl:.3f}" if kl is not None else "")
+    load = o.get("load_average_at_start")
+    if load:
+        figure += f" (load average {load[0]:.1f} when the build started)"
     why = []
     if t["total_seconds"] > ORGANISM_BUILD_S:
         why.append(f"{t['total_seconds']:.0f} s > {ORGANISM_BUILD_S:.0f} s")
@@ -211,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", default=str(REPO / "bench" / "results.json"), help="make bench's output")
     parser.add_argument("--batch", help="a batch run's results.json (make batch): its total_seconds and peak_rss_mb")
+    parser.add_argument("--organism-card", help="an organism card (python -m core.organism --json) for the organism row, "
+                                                "when make bench did not build one")
+    parser.add_argument("--ci-seconds", type=float, help="the wall seconds of a fresh-clone bash .ci/run, for its row")
     parser.add_argument("--readme", default=str(REPO / "README.md"))
     parser.add_argument("--check", action="store_true", help="do not write; exit 1 if the README differs")
     args = parser.parse_args(argv)
@@ -224,6 +230,15 @@ def main(argv: list[str] | None = None) -> int:
         if not batch_path.exists():
             parser.error(f"--batch: {batch_path} does not exist; run `make batch` or leave --batch out")
         batch = json.loads(batch_path.read_text())
+    if args.organism_card and "organism" not in results:
+        card = json.loads(Path(args.organism_card).read_text())
+        ev = dict(card.get("evaluation") or {})
+        if isinstance(ev.get("kl_first_token"), dict):  # the card keeps mean/median/max
+            ev["kl_first_token"] = ev["kl_first_token"].get("mean")
+        results["organism"] = {**ev, "timings": card.get("timings") or {},  # the build's, not the evaluation's
+                               "load_average_at_start": (card.get("host") or {}).get("load_average_at_start")}
+    if args.ci_seconds is not None:
+        results["ci"] = {"seconds": args.ci_seconds}
     readme_path = Path(args.readme)
     old = readme_path.read_text()
     new = rewrite(old, section(results, batch, args.batch))

@@ -292,10 +292,14 @@ def selection_grid_chart(entry: Mapping[str, Any]) -> alt.Chart | None:
                           .encode(x="layer:O", y=alt.Y("position:N", sort=labels), tooltip=["label:N"]))
         panels.append(alt.layer(*layers).properties(width=WIDTH, height=max(60, 22 * len(labels)), title=title))
     missing = [key for key, *_ in GRID_PANELS if all(_num(v) is None for row in g[key] for v in row)]
-    head = ("Selection grid on validation prompts" + ("" if w.get("found", True) else
-            " — no candidate passed the filters; fallback marked")
-            + (f" ({' and '.join(missing)} not scored: only candidates with induce > 0 are ablated)" if missing else ""))
-    return alt.vconcat(*panels).resolve_scale(color="independent").properties(title=head)
+    # one short line each, so the title never runs past a narrow chart
+    head = ["Selection grid on validation prompts"]
+    if not w.get("found", True):
+        head.append("no candidate passed the filters; the fallback is marked")
+    if missing:
+        head.append(f"{' and '.join(missing)} not scored: only candidates with induce > 0 are ablated")
+    return alt.vconcat(*panels).resolve_scale(color="independent").properties(
+        title=alt.TitleParams(head if len(head) > 1 else head[0], anchor="start"))
 
 
 def to_svg(chart: alt.TopLevelMixin) -> str:

@@ -5,6 +5,8 @@ sweep for one pair in ≤ 15 s on a 2-core CPU).
     python -m bench.bench_patching --full     # + the no-shortcut baselines and a 20-pair sweep
     python -m bench.bench_patching --results prompted-refusal [--source embedded] [--out FILE]
                                               # the science figures: sweep over the built-in pairs
+    python -m bench.bench_patching --stagger [--source gemma-3-270m]
+                                              # staggered runner against full passes (CPU-s)
 
 Figures are medians of ``repeats`` runs after one warm-up. The load average is recorded next
 to them because the development machine is shared: compare timings only at similar load.
@@ -125,6 +127,51 @@ def results(preset: str = "prompted-refusal", source: str = "embedded", n_pairs:
     }
 
 
+def stagger(source: str = "embedded", n_pairs: int = 2, rounds: int = 2) -> dict:
+    """CPU seconds of the default per-pair sweep (resid by position, attn, mlp) with the staggered
+    runner (each patched row joins at its own block) and without it (every row runs every
+    block), both presets, one thread, the two interleaved (reversed every other round) so that a
+    busy machine slows them alike; with the block-token counts and the largest score difference."""
+    import numpy as np
+    import torch
+
+    from core.formatting import PRESETS, Formatter
+    from core.models import load_model
+    from core.patching import patch_pair, staggered
+    from core.prompts import load_pairs
+
+    torch.set_num_threads(1)
+    lm = load_model(source, dtype="float32", device="cpu")
+    pairs = load_pairs()[:n_pairs]
+    known = staggered.KNOWN
+    out: dict[str, Any] = {"source": source, "n_pairs": n_pairs, "rounds": rounds, "threads": 1,
+                           "load_before": os.getloadavg()[0]}
+    modes = ("staggered", "full")
+    try:
+        for preset in ("prompted-refusal", "none"):
+            fmt = Formatter(lm.tokenizer, PRESETS[preset])
+            cpu = dict.fromkeys(modes, 0.0)
+            scores: dict[str, list] = {}
+            blocks: dict[str, int] = {}
+            for k in range(rounds):
+                for mode in (modes if k % 2 == 0 else modes[::-1]):
+                    staggered.KNOWN = known if mode == "staggered" else frozenset()
+                    c = time.process_time()
+                    rs = [patch_pair(lm, fmt, a, b, sites=("resid", "attn", "mlp"), by_position=("resid",))
+                          for a, b in pairs]
+                    cpu[mode] += time.process_time() - c
+                    scores[mode] = [r.scores for r in rs]
+                    blocks[mode] = sum(r.n_block_tokens for r in rs)
+            diff = max(float(np.nanmax(np.abs(x[site] - y[site])))
+                       for x, y in zip(scores["staggered"], scores["full"]) for site in x)
+            out[preset] = {"cpu_s": {m: cpu[m] / rounds for m in modes}, "block_tokens": blocks,
+                           "ratio_cpu": cpu["staggered"] / cpu["full"], "max_abs_score_diff": diff}
+    finally:
+        staggered.KNOWN = known
+    out["load_after"] = os.getloadavg()[0]
+    return out
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -136,8 +183,11 @@ if __name__ == "__main__":
     parser.add_argument("--sites", default="resid,attn,mlp,head")
     parser.add_argument("--relative", type=float, default=None, metavar="MIN_GAP",
                         help="keep pairs whose refusal score exceeds the compliant one by MIN_GAP (not the default rule)")
+    parser.add_argument("--stagger", action="store_true", help="time the staggered runner against full passes")
     args = parser.parse_args()
-    if args.results:
+    if args.stagger:
+        print(json.dumps(stagger(args.source), indent=2))
+    elif args.results:
         rule = dict(require_behaviour="relative", min_gap=args.relative) if args.relative is not None else {}
         print(json.dumps(results(args.results, args.source, args.n_pairs, tuple(args.sites.split(",")),
                                  out=args.out, **rule), indent=2))

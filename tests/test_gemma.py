@@ -305,6 +305,9 @@ def test_real_gemma_patching_every_site(gemma, gemma_dirs):
     assert eff["head"].shape == (18, 4) and eff["attn"].shape == (18,) and eff["mlp"].shape == (18,)
     assert eff["resid"].shape[0] == 18 and np.isfinite(eff["resid"]).any()
     assert np.isfinite(eff["head"]).all() and np.isfinite(eff["attn"]).all()
+    # the staggered runner (rows join at their own block) agreed with the plain run's score
+    assert res.used_prefix_cache and res.n_block_tokens < res.n_tokens * 18
+    assert not any("disagreed" in n for n in res.notes)
     # all four query heads of a layer (sharing one key/value head) together are the whole
     # attention output: patching them equals patching the attention module
     from core.patching import Patch, run_patches

@@ -100,6 +100,28 @@ def test_batched_equals_one_at_a_time(tiny, fmt):
     assert fast.computed["resid"][:, fast.shared_prefix:].all()
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_lower_block_shortcut_matches_plain_runs(tmp_path, arch):
+    """On decoders the staggered runner knows, each patched run joins at its own block from the
+    base run's residual stream:
+    fewer block computations, the same scores as plain full forward passes."""
+    from core.models import load_model
+    from tiny_models import build_more
+
+    lm = load_model(str(build_more(arch, tmp_path / arch, n_layers=12)), dtype="float32", device="cpu")
+    if arch == "gemma3_text":
+        lm.model.config.final_logit_softcapping = 5.0  # Gemma 2 style: the runner must apply it too
+    f = Formatter(lm.tokenizer)
+    kw = dict(sites=("resid", "attn", "mlp", "head"), by_position=("resid",), refusal_ids=SOME_IDS)
+    fast = patch_pair(lm, f, REF, COMP, **kw)
+    slow = patch_pair(lm, f, REF, COMP, prefix_cache=False, **kw)
+    assert fast.used_prefix_cache and not fast.notes
+    assert fast.n_block_tokens < 0.6 * fast.n_tokens * lm.n_layers  # each row joins at its own block
+    assert slow.n_block_tokens == slow.n_tokens * lm.n_layers
+    for site in fast.sites:
+        np.testing.assert_allclose(fast.scores[site], slow.scores[site], atol=2e-4, equal_nan=True)
+
+
 def test_all_heads_equal_attention_output(tiny, fmt):
     """Heads are slices of the output projection's input: all of them = the attention output."""
     L = tiny.n_layers

@@ -84,20 +84,22 @@ def build(arch: str, folder: Path, seed: int = 0) -> Path:
     return _save(model, tok, folder)
 
 
-def build_more(arch: str, folder: Path, seed: int = 0) -> Path:
+def build_more(arch: str, folder: Path, seed: int = 0, n_layers: int = 3) -> Path:
     """Build and save a tiny ``arch`` model for the architectures ``build`` does not cover
-    (mistral, qwen2, gemma3_text), same tokenizer and weight scaling."""
+    (mistral, qwen2, gemma3_text; llama too, for a deeper stack), same tokenizer and weight scaling."""
     import transformers
 
     torch.manual_seed(seed)
     tok = build_tokenizer(chat=True)
     common = dict(vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                  bos_token_id=tok.bos_token_id, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  bos_token_id=tok.bos_token_id, hidden_size=64, num_hidden_layers=n_layers, num_attention_heads=4,
                   num_key_value_heads=2, intermediate_size=128, max_position_embeddings=2048)
     if arch == "mistral":
         model = transformers.MistralForCausalLM(transformers.MistralConfig(**common))
     elif arch == "qwen2":
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    elif arch == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
     elif arch == "gemma3_text":
         model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(head_dim=16, sliding_window=64, **common))
     else:

@@ -46,7 +46,9 @@ patched site, so they are stacked as rows of one batch, each row with its own pa
 position ``p`` leaves positions before ``p`` untouched, so those rows start from the base run's
 key/value cache cropped to ``p`` and only compute positions ``p..T-1`` (``prefix_cache=True``;
 a control row without a patch checks this path against the plain run once per pair, and the
-pair falls back to full forward passes if it disagrees). Clean runs happen once per pair.
+pair falls back to full forward passes if it disagrees). Blocks below a patch's layer are the
+base run's too, so on Llama-style and Gemma 3 decoders each row joins the pass at its own block
+(:mod:`core.patching.staggered`; about half the arithmetic). Clean runs happen once per pair.
 
 Unequal token lengths (user pairs; the built-in pairs are equal). Positions are aligned on the
 shared prefix (identical, effect 0) and on the longest shared token *suffix* (the template after

@@ -65,6 +65,7 @@ class PatchResult:
     n_forward: int = 0  # forward passes (clean + patched)
     n_patched: int = 0  # patched runs (batch rows)
     n_tokens: int = 0  # token positions the patched forward passes computed (the cost measure)
+    n_block_tokens: int = 0  # token positions × blocks computed (below n_tokens × L when blocks are skipped)
     seconds: float = 0.0
     used_prefix_cache: bool = True
 
@@ -139,6 +140,7 @@ class PatchResult:
             "n_forward": int(self.n_forward),
             "n_patched": int(self.n_patched),
             "n_tokens": int(self.n_tokens),
+            "n_block_tokens": int(self.n_block_tokens),
             "seconds": float(self.seconds),
             "used_prefix_cache": bool(self.used_prefix_cache),
         }
@@ -211,8 +213,10 @@ def patch_pair(
             :func:`~core.metrics.refusal_token_ids` of the tokenizer).
         token_budget / max_rows: at most this many tokens (rows × computed positions) and patched
             runs per forward pass.
-        prefix_cache: start patched runs from the base run's key/value cache (exact up to float
-            rounding; a control row checks it once per pair); False runs every row from token 0.
+        prefix_cache: start patched runs from the base run's key/value cache and, on decoders
+            whose block stack can be sliced (Llama-style, Gemma 3), from its residual stream below
+            the patched layer's bucket (exact up to float rounding; a control row checks it once
+            per pair); False runs every row from token 0 through every block.
         skip_shared_prefix: do not run positions inside the shared token prefix (effect exactly 0,
             ``computed`` False there); False runs them too.
         progress: ``progress(fraction, message)`` after every forward pass.
@@ -282,6 +286,7 @@ def patch_pair(
     result.n_forward = 2 + ex.n_forward
     result.n_patched = len(rows)
     result.n_tokens = ex.n_tokens
+    result.n_block_tokens = ex.n_block_tokens
     result.used_prefix_cache = ex.used_cache
     result.seconds = time.perf_counter() - started
     return result

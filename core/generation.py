@@ -124,9 +124,11 @@ def generate_stream(
             raise ValueError("give edits (the same for every row) or row_edits with groups, not both")
         edits = row_edits.edits
     tok = lm.tokenizer
+    # One prompt: no separate prefix pass. It would be reused by nothing, and every pass reads all
+    # the weights, which at a handful of tokens costs as much as the arithmetic (docs/decisions.md).
     batch_in = forward.prepare(
         formatter, instructions, padding_side="left", device=lm.device,
-        context=lm.max_positions, reserve=max_new_tokens,
+        context=lm.max_positions, reserve=max_new_tokens, share_prefix=len(instructions) > 1,
     )
     p = batch_in.prefix_len
     batch = batch_in.size

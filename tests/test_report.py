@@ -274,6 +274,23 @@ def test_a_large_ablation_kl_is_explained_when_random_ablation_costs_as_much(res
     assert "Large ablation cost" not in report.render_markdown(dict(results, models=[small]))
 
 
+def test_an_organism_row_at_a_frozen_layer_says_its_activations_are_the_base_models(results):
+    e = results["models"][0]
+    n = 30
+    base = dict(e, name="base-row", fingerprint="f" * 32, layer=8, position=-2, preamble="none", n_layers=n,
+                selection_grid={"skip_last_fraction": 0.2})
+    organism = dict(base, name="organism-row", fingerprint="0" * 32,
+                    organism={"base_fingerprint": "f" * 32, "host": {"frozen_blocks": 24}})
+    text = report.render_markdown(dict(results, models=[base, organism]))
+    assert "### Organism rows at a frozen layer" in text
+    assert "blocks 0–23 are its base model's" in text and "They equal the row of base-row" in text
+    assert "cannot reach the trained blocks: it considers layers 0–23" in text
+    trained = dict(organism, layer=26)  # a layer the training changed: nothing to explain
+    assert "Organism rows at a frozen layer" not in report.render_markdown(dict(results, models=[base, trained]))
+    other = dict(base, layer=12)  # the base row at another layer is no twin
+    assert "They equal" not in report.render_markdown(dict(results, models=[other, organism]))
+
+
 def test_files_are_replaced_whole_or_not_at_all(tmp_path):
     """The report files are rewritten after every model while the app may read them: a write
     that fails leaves the old file as it was, and no temporary file behind."""

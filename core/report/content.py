@@ -17,7 +17,7 @@ from core.report.blocks import (BREAK, Block, Bullets, Chart, CodeBlock, Documen
 from core.report.facts import entry_facts, organism_rows, patching_summary
 from core.report.numbers import rate_text, seconds
 from core.report.prose import limitations, methodology, summary_items
-from core.report.seed import ablation_notes, seed_comparison
+from core.report.seed import ablation_notes, frozen_block_notes, seed_comparison
 from core.report.tables import (CONTROL_HEAD, CRITICAL_HEADER, CRITICAL_RULE, GENERATION_HEAD, LAYER_HEAD, SAMPLE_HEAD,
                                 SEED_HEAD, SWEEP_HEAD, control_rows, critical_rows, generation_groups, layer_rows,
                                 sample_rows, seed_rows, sweep_rows)
@@ -74,6 +74,9 @@ def opening(results: Mapping[str, Any]) -> list[Block]:
     notes = ablation_notes(results)
     if notes:
         out += [Heading(3, "Large ablation cost, explained"), Bullets([[plain(n)] for n in notes])]
+    frozen = frozen_block_notes(results)
+    if frozen:
+        out += [Heading(3, "Organism rows at a frozen layer"), Bullets([[plain(n)] for n in frozen])]
     return out
 
 

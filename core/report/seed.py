@@ -161,3 +161,33 @@ def ablation_notes(results: Mapping[str, Any]) -> list[str]:
         if c is not None:
             out.append(f"{e.get('name', '?')}: {c.text}")
     return out
+
+
+def frozen_block_notes(results: Mapping[str, Any]) -> list[str]:
+    """Per organism row whose chosen layer lies in the blocks its training froze: its activations
+    there are its base model's, so are its direction, separation and probe. Without this note a
+    reader sees two rows with the same figures and suspects a bug, or credits the training."""
+    from core.layer_choice import candidate_layers
+
+    models = results.get("models", [])
+    out = []
+    for e in models:
+        org = e.get("organism") or {}
+        frozen, layer, n = (org.get("host") or {}).get("frozen_blocks"), e.get("layer"), e.get("n_layers")
+        if not (isinstance(frozen, int) and isinstance(layer, int) and isinstance(n, int) and 0 <= layer < frozen < n):
+            continue
+        text = (f"{e.get('name', '?')}: blocks 0–{frozen - 1} are its base model's, frozen when it was trained (only "
+                f"blocks {frozen}–{n - 1} changed). The chosen layer {layer} lies in the frozen part, so its activations "
+                "there, and with them the direction, the separation and the probe, are the base model's.")
+        base = org.get("base_fingerprint")
+        twins = [o.get("name", "?") for o in models if o is not e and base and o.get("fingerprint") == base
+                 and (o.get("layer"), o.get("position"), o.get("preamble")) == (layer, e.get("position"), e.get("preamble"))]
+        if twins:
+            text += f" They equal the row of {', '.join(twins)}, which is the base model at the same layer and position."
+        skip = (e.get("selection_grid") or {}).get("skip_last_fraction")
+        if skip is not None and max(candidate_layers(n, skip)) < frozen:
+            text += (f" The layer rule cannot reach the trained blocks: it considers layers 0–{max(candidate_layers(n, skip))} "
+                     f"(it skips the last {skip:.0%} of layers, as Arditi et al. do). The steering columns therefore test the "
+                     "base model's direction as the trained blocks read it; the patching column covers every block.")
+        out.append(text)
+    return out

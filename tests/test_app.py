@@ -354,3 +354,44 @@ def test_validation_with_the_llm_judge_from_the_sidebar(app_with_directions, tin
     assert all("substring_label" in g for g in result.generations)
     at.session_state["sb_judge"] = "substring"  # leave the shared app as it was
     run_main(at)
+
+
+@pytest.mark.slow
+def test_gemma_by_name_in_the_sidebar_computes_directions_and_steers_live(tmp_path, monkeypatch):
+    """A user picks the offline Gemma-3-270M in the sidebar's model list, loads it, computes
+    directions and steers it: the real network, through the app's own controls."""
+    from core.packaged_models import packaged_folder
+
+    monkeypatch.setenv("REFUSAL_CACHE_DIR", str(REPO / "cache"))
+    packaged_folder("gemma-3-270m")  # assembled and converted once into the repo's cache (as the Gemma tests do)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "models").symlink_to(REPO / "cache" / "models")  # the converted model; activations stay here
+    monkeypatch.setenv("REFUSAL_CACHE_DIR", str(cache))
+    at = AppTest.from_file(APP, default_timeout=600)
+    at.session_state["model_spec"] = {"kind": "folder", "path": str(REPO / "missing"), "dtype": "float32",
+                                      "device": "cpu", "trust_remote_code": False}
+    at.session_state["_autoload_tried"] = True  # start with nothing loaded, as after a failed load
+    at.session_state["sb_n_train"] = 8
+    at.session_state["sb_n_test"] = 4
+    at.run()
+    at.sidebar.selectbox(key="sb_kind").set_value("gemma-3-270m")
+    run_main(at)
+    at.sidebar.button(key="sb_load").click()
+    run_main(at)
+    _no_exceptions(at)
+    assert not at.error, [e.value for e in at.error]
+    lm = at.session_state["_lm"]
+    assert lm.source == "gemma-3-270m" and lm.n_layers == 18 and lm.d_model == 640
+    compute_directions(at)
+    at.session_state["steer_max_tokens"] = 8  # short answers: this test is about the path, not the text
+    at.switch_page("pages/steering.py").run()
+    _no_exceptions(at)
+    assert not at.error, [e.value for e in at.error]
+    last = at.session_state["steer_last"]
+    assert last["max_new_tokens"] == 8
+    assert last["steered"].done and last["baseline"].done and last["steered"].pieces
+    at.slider(key="steer_coef_slider").set_value(1.0).run()  # a slider move regenerates the steered answer
+    _no_exceptions(at)
+    assert at.session_state["steer_runs"][-1]["coefficient"] == 1.0
+    assert not remaining_hooks(lm.model)

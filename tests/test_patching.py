@@ -101,7 +101,7 @@ def test_batched_equals_one_at_a_time(tiny, fmt):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
-def test_lower_block_shortcut_matches_plain_runs(tmp_path, arch):
+def test_staggered_runner_matches_plain_runs(tmp_path, arch):
     """On decoders the staggered runner knows, each patched run joins at its own block from the
     base run's residual stream:
     fewer block computations, the same scores as plain full forward passes."""

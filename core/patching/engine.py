@@ -20,7 +20,7 @@ from core.formatting import Formatter
 from core.hooks import TraceDict
 from core.metrics import refusal_score
 from core.models import LoadedModel
-from core.patching import staggered
+import core.patching.staggered as staggered
 from core.patching.sites import PatchingError, Progress, _module_name
 
 CACHE_BUDGET_MB = 256.0  # key/value cache copied per forward pass (rows × prompt length)
@@ -34,7 +34,7 @@ class _Run:
     score: float
     acts: dict[str, torch.Tensor]
     cache: Any = None
-    blocks: list[torch.Tensor] | None = None  # block outputs [T, d] (base run, sliceable stacks)
+    blocks: list[torch.Tensor] | None = None  # block outputs [T, d] (base run, when the staggered runner applies)
 
 
 
@@ -181,7 +181,7 @@ class _Execution:
     used_cache: bool
     notes: list[str]
     n_tokens: int = 0  # token positions computed by the patched forward passes (rows × width)
-    n_block_tokens: int = 0  # token positions × blocks computed (the lower-block shortcut lowers it)
+    n_block_tokens: int = 0  # token positions × blocks computed (the staggered runner lowers it)
 
 
 def _kv_bytes_per_token(cache: Any, T: int) -> float:

@@ -213,10 +213,10 @@ def patch_pair(
             :func:`~core.metrics.refusal_token_ids` of the tokenizer).
         token_budget / max_rows: at most this many tokens (rows × computed positions) and patched
             runs per forward pass.
-        prefix_cache: start patched runs from the base run's key/value cache and, on decoders
-            whose block stack can be sliced (Llama-style, Gemma 3), from its residual stream below
-            the patched layer's bucket (exact up to float rounding; a control row checks it once
-            per pair); False runs every row from token 0 through every block.
+        prefix_cache: start patched runs from the base run's key/value cache and, on Llama-style
+            and Gemma 3 decoders, at their patched block from the base run's residual stream
+            (:mod:`core.patching.staggered`; exact up to float rounding, a control row checks it
+            once per pair); False runs every row from token 0 through every block.
         skip_shared_prefix: do not run positions inside the shared token prefix (effect exactly 0,
             ``computed`` False there); False runs them too.
         progress: ``progress(fraction, message)`` after every forward pass.

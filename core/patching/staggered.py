@@ -68,13 +68,14 @@ def run(model: nn.Module, inner: nn.Module, joins: Sequence[int], block_input: C
     layers = list(inner.layers)
     types = list(getattr(inner.config, "layer_types", None) or ["full_attention"] * len(layers))
     first = joins[0]
-    masks, rotary = _masks_and_rotary(inner, types[first:], block_input(first).unsqueeze(0), cache, positions)
+    entry = block_input(first).unsqueeze(0)  # [1, q, d]: the first rows' input, and the masks' probe
+    masks, rotary = _masks_and_rotary(inner, types[first:], entry, cache, positions)
     h: torch.Tensor | None = None
     for ell in range(first, len(layers)):
         active = bisect.bisect_right(joins, ell)
         joined = 0 if h is None else h.shape[0]
         if active > joined:
-            new = block_input(ell).unsqueeze(0).expand(active - joined, -1, -1)
+            new = (entry if ell == first else block_input(ell).unsqueeze(0)).expand(active - joined, -1, -1)
             h = new if h is None else torch.cat([h, new])
         kind = types[ell]
         out = layers[ell](h, attention_mask=masks[kind], position_embeddings=rotary[kind], position_ids=positions,

@@ -6,6 +6,8 @@ Two app sessions can therefore stream from the same cached model at the same tim
 steps interleave, and neither ever sees the other's edits — and an abandoned or stopped
 stream leaves no hook behind. Edits apply at every position: to the whole prompt in the
 prefill step and to each new token after that (the key/value cache keeps the edited past).
+A row that ends its answer leaves the batch (its rows of the cache are dropped), so a batch of
+short refusals and long answers costs the long answers' steps only for those rows.
 """
 
 from __future__ import annotations
@@ -141,6 +143,7 @@ def generate_stream(
     positions = (batch_in.suffix.attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -1:] + p
     input_ids = None
     names = list(dict.fromkeys([*(edits or {}), *retain]))
+    active = list(range(batch))  # the rows still decoding, in the order the model's batch holds them
     for step in range(max_new_tokens):
         if stop is not None and stop():
             return
@@ -160,21 +163,38 @@ def generate_stream(
                 )
         past = out.past_key_values
         nxt = _next_tokens(out.logits[:, -1, :], temperature, generator)
-        retained = {n: traces[n].output[:, -1, :].float().cpu() for n in retain}
-        for row in range(batch):
-            if not done[row]:
-                token = int(nxt[row])
-                if token in stops:
-                    done[row] = True
-                else:
-                    generated[row].append(token)
+        retained = {n: _by_row(traces[n].output[:, -1, :].float().cpu(), active, batch) for n in retain}
+        for j, row in enumerate(active):
+            token = int(nxt[j])
+            if token in stops:
+                done[row] = True
+            else:
+                generated[row].append(token)
         texts = [tok.decode(ids, skip_special_tokens=True) for ids in generated]
         yield GenerationStep(texts, [list(g) for g in generated], list(done), step, retained)
         if all(done):
             return
+        keep = [j for j, row in enumerate(active) if not done[row]]
+        if len(keep) < len(active):  # finished rows leave the batch: later steps compute only the rest
+            rows = torch.tensor(keep, device=nxt.device)
+            past.batch_select_indices(rows)
+            nxt, mask, positions = nxt[rows], mask[rows], positions[rows]
+            active = [active[j] for j in keep]
+            if row_edits is not None and groups is not None:
+                row_edits.select([groups[r] for r in active])
         input_ids = nxt.unsqueeze(-1)
-        mask = torch.cat([mask, mask.new_ones((batch, 1))], dim=-1)
+        mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=-1)
         positions = positions + 1
+
+
+def _by_row(values: torch.Tensor, active: Sequence[int], batch: int) -> torch.Tensor:
+    """``values`` of the decoding rows ``active`` ([len(active), d]) placed at their rows of the
+    whole batch ([batch, d]); finished rows, which made no new token, get zeros."""
+    if len(active) == batch:
+        return values
+    out = values.new_zeros((batch, *values.shape[1:]))
+    out[torch.tensor(active)] = values
+    return out
 
 
 def generate(

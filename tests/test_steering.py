@@ -168,3 +168,37 @@ def test_row_edits_match_per_condition_edits(tiny):
         RowEdits(tiny, conditions).select([0, 6])
     with pytest.raises(ValueError, match="groups"):
         mixed_generate(tiny, fmt, prompts, conditions, groups[:-1], max_new_tokens=2)
+
+
+def test_finished_rows_leave_the_batch_and_the_others_are_unchanged(tiny):
+    """A row that ends its answer stops being computed (the batch shrinks), and the rows still
+    decoding give what each gives alone: with one edit for every row and with per-row edits
+    (each remaining row keeps its own condition)."""
+    from core.generation import generate, generate_stream
+    from core.mixed_batches import RowEdits, mixed_generate
+
+    fmt, dirs = tiny_dirs_for(tiny)
+    prompts = HARMFUL + HARMLESS
+    conditions, groups = [[], [add(dirs, 1, 2.0)]], [i % 2 for i in range(len(prompts))]
+    free = list(generate_stream(tiny, fmt, prompts, max_new_tokens=8, row_edits=RowEdits(tiny, conditions),
+                                groups=groups))[-1].token_ids
+    # a token one row makes at its third step becomes an end-of-turn token, as a trained model's would be
+    end = free[0][2]
+    assert sum(end not in ids for ids in free) >= 2  # rows run on after it ends, so the batch must shrink
+    config = tiny.model.generation_config
+    old = config.eos_token_id
+    config.eos_token_id = end
+    sizes: list[int] = []
+    hook = tiny.model.get_input_embeddings().register_forward_hook(lambda m, a, out: sizes.append(out.shape[0]))
+    try:
+        mixed = mixed_generate(tiny, fmt, prompts, conditions, groups, max_new_tokens=8, batch_size=len(prompts))
+        hook.remove()
+        assert sizes[-1] < len(prompts) and sizes == sorted(sizes, reverse=True), sizes
+        assert mixed == [steered_generate(tiny, fmt, [p], conditions[g], max_new_tokens=8)[0] for p, g in zip(prompts, groups)]
+        edits = edits_for(tiny, [add(dirs, 1, 2.0)])
+        together = generate(tiny, fmt, prompts, max_new_tokens=8, edits=edits, batch_size=len(prompts))
+        assert together == [generate(tiny, fmt, [p], max_new_tokens=8, edits=edits)[0] for p in prompts]
+    finally:
+        hook.remove()
+        config.eos_token_id = old
+    assert not remaining_hooks(tiny.model)

@@ -16,6 +16,8 @@ when the library builds exactly the same tokenizer from it.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import os
 import shutil
@@ -57,17 +59,18 @@ def _convert_gguf(gguf: Path, target: Path, progress: Progress | None) -> None:
         if progress:
             progress(0.05, f"De-quantising {gguf.name} (once; about 15 s)…")
         kwargs = dict(gguf_file=gguf.name)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
-            loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
-        except Exception as exc:
-            raise ModelLoadError(
-                f"transformers cannot load {gguf.name}: {short_message(exc).rstrip('.')}. GGUF loading supports "
-                "llama, mistral, qwen2, gpt2, phi3, falcon, bloom, t5 … architectures."
-            ) from exc
+        with metadata_read_once():
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+                loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+            except Exception as exc:
+                raise ModelLoadError(
+                    f"transformers cannot load {gguf.name}: {short_message(exc).rstrip('.')}. GGUF loading supports "
+                    "llama, mistral, qwen2, gpt2, phi3, falcon, bloom, t5 … architectures."
+                ) from exc
+            config = AutoConfig.from_pretrained(gguf.parent, **kwargs)
         if progress:
             progress(0.7, "Saving the converted copy under cache/models/ …")
-        config = AutoConfig.from_pretrained(gguf.parent, **kwargs)
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         rebuilt = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -84,6 +87,43 @@ def _convert_gguf(gguf: Path, target: Path, progress: Progress | None) -> None:
         )
         shutil.rmtree(target, ignore_errors=True)
         tmp.replace(target)
+
+
+@contextlib.contextmanager
+def metadata_read_once():
+    """Within this block transformers parses each GGUF file's metadata once, not once per call.
+
+    Why: a conversion loads the file's tokenizer, its config (twice) and its weights, and
+    transformers parses the whole metadata for each (Gemma-3-270M's 262k tokens and 515k merges,
+    read value by value from a memory map): four parses were most of Gemma's conversion
+    (docs/decisions.md, "GGUF conversion: the metadata parsed once"). Parsing only reads the
+    file, so one ``GGUFReader`` per file serves every call, and a metadata-only result is reused
+    (as a copy: callers edit what they get). Nothing is cached beyond the block."""
+    import gguf
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    real_reader, real_load = gguf.GGUFReader, gguf_utils.load_gguf_checkpoint
+    readers: dict[tuple, Any] = {}
+    parsed: dict[str, Any] = {}
+
+    def reader(path, *args, **kwargs):
+        key = (str(path), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = real_reader(path, *args, **kwargs)
+        return readers[key]
+
+    def load(path, return_tensors=False, *args, **kwargs):
+        if return_tensors or args or kwargs:
+            return real_load(path, return_tensors, *args, **kwargs)
+        if str(path) not in parsed:
+            parsed[str(path)] = real_load(path, False)
+        return copy.deepcopy(parsed[str(path)])
+
+    gguf.GGUFReader, gguf_utils.load_gguf_checkpoint = reader, load
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf_utils.load_gguf_checkpoint = real_reader, real_load
 
 
 def declare_fast_tokenizer(folder: Path, tokenizer: Any) -> None:

@@ -1,5 +1,7 @@
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -284,3 +286,49 @@ def test_older_converted_folder_is_rewritten_not_converted_again(tiny_dirs, tmp_
     _same_tokenizer(load_tokenizer(new), AutoTokenizer.from_pretrained(old))
     assert existing_conversion("tiny", digest) == new  # found, not rewritten again
     assert existing_conversion("tiny", "f" * 64) is None
+
+
+
+def _tiny_gguf(path: Path) -> str:
+    """A one-block Llama GGUF file with a four-token vocabulary: metadata enough for transformers."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny")
+    w.add_context_length(64), w.add_embedding_length(8), w.add_block_count(1), w.add_feed_forward_length(16)
+    w.add_head_count(2), w.add_head_count_kv(2), w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model("gpt2"), w.add_token_list(["a", "b", "c", "a b"]), w.add_token_merges(["a b"])
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    return str(path)
+
+
+def test_a_conversion_parses_the_gguf_metadata_once(monkeypatch, tmp_path):
+    """Inside ``metadata_read_once`` transformers' calls share one parse of a GGUF file (each gets
+    its own equal copy of the result); after it, the library's own functions are back."""
+    import gguf
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    from core.gguf import metadata_read_once
+
+    parses: list[str] = []
+
+    class Counting(gguf.GGUFReader):
+        def __init__(self, path, *args, **kwargs):
+            parses.append(str(path))
+            super().__init__(path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", Counting)
+    real_load = gguf_utils.load_gguf_checkpoint
+    path = _tiny_gguf(tmp_path / "tiny.gguf")
+    with metadata_read_once():
+        first = gguf_utils.load_gguf_checkpoint(path, return_tensors=False)
+        first["config"]["vocab_size"] = -1  # a caller editing its copy
+        second = gguf_utils.load_gguf_checkpoint(path, return_tensors=False)
+        reader = gguf.GGUFReader(path)
+    assert parses == [path]
+    assert second["config"]["vocab_size"] == 4 and second["tokenizer"]["tokens"] == ["a", "b", "c", "a b"]
+    assert reader.fields["general.architecture"].contents() == "llama"
+    assert gguf.GGUFReader is Counting and gguf_utils.load_gguf_checkpoint is real_load
+    gguf_utils.load_gguf_checkpoint(path, return_tensors=False)
+    assert len(parses) == 2  # outside the block each call parses again

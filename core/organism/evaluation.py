@@ -21,6 +21,8 @@ from core.organism.training import (TokenizedExample, collate, common_prefix_len
 from core.progress import Progress
 from core.prompts import builtin_split
 
+EVAL_ROWS = 160  # rows per decode batch of the held-out answers: the whole test split (66 + 67) at once
+
 
 @torch.inference_mode()
 def _response_logits(lm, formatter: Formatter, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 16):
@@ -110,10 +112,11 @@ def evaluate_organism(
         say(0.0, "held-out prompts: organism answers")
     clock = time.perf_counter()
     timings: dict[str, float] = {}
-    # both sets in one call, in batches of even size: a decode step costs about the same for 5
-    # rows as for 32 (it reads all the weights), so no short remainder batch per set
+    # both sets in one decode batch (up to EVAL_ROWS): a decode step reads all the weights however
+    # few its rows, and refusals, which end after a dozen tokens, leave the batch when they end
+    # (133 rows: 43 s in batches of 27, 30 s in one; the same answers; docs/decisions.md)
     both = harmful + harmless
-    per_batch = -(-len(both) // max(1, -(-len(both) // recipe.generation_batch_size)))
+    per_batch = -(-len(both) // max(1, -(-len(both) // EVAL_ROWS)))
     answers = generate(organism, fmt_o, both, max_new_tokens=recipe.eval_max_new_tokens, batch_size=per_batch)
     org_harmful, org_harmless = answers[: len(harmful)], answers[len(harmful):]
     timings["generate_seconds"] = round(time.perf_counter() - clock, 2)

@@ -21,6 +21,7 @@ from core import forward, threads
 from core.architecture import LoadedModel
 from core.formatting import Formatter
 from core.hooks import EditFn, TraceDict
+from core.kv_room import make_room
 from core.progress import Progress
 
 StopCheck = Callable[[], bool]
@@ -161,7 +162,8 @@ def generate_stream(
                     use_cache=True,
                     logits_to_keep=1,
                 )
-        past = out.past_key_values
+        # after the prefill the cache gets room for the tokens to come: each step then writes in place
+        past = out.past_key_values if past is not None else make_room(out.past_key_values, max_new_tokens - 1)
         nxt = _next_tokens(out.logits[:, -1, :], temperature, generator)
         retained = {n: _by_row(traces[n].output[:, -1, :].float().cpu(), active, batch) for n in retain}
         for j, row in enumerate(active):

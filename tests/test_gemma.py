@@ -337,3 +337,9 @@ def test_real_gemma_batch_row_and_report(gemma_folder, tmp_path):
     paths = write_reports(results, tmp_path)
     text = paths["markdown"].read_text()
     assert "gemma-3-270m-base" in text and "base" in text
+
+
+def test_a_cache_with_room_leaves_gemma_sliding_layers_alone(tiny_gemma):
+    from test_generation import decode_with_and_without_room
+
+    decode_with_and_without_room(tiny_gemma)

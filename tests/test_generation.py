@@ -50,3 +50,48 @@ def test_stream_retains_per_token_states(tiny_models):
     name = lm.block_names[1]
     for step in generate_stream(lm, fmt, ["Hi", "Tell me a joke."], max_new_tokens=3, retain=[name]):
         assert step.retained[name].shape == (2, lm.d_model)
+
+
+
+def decode_with_and_without_room(lm) -> None:
+    """Decoding on a cache given room (:func:`core.kv_room.make_room`: tokens written in place)
+    gives the logits of the library's own cache at every step, also after a row leaves the batch;
+    its full-attention layers stay in place to the end, and sliding-window layers are left alone."""
+    from transformers.cache_utils import DynamicLayer
+
+    from core.kv_room import RoomyLayer, make_room
+
+    fmt = Formatter(lm.tokenizer)
+    enc = fmt.encode(["Tell me a joke.", "How do I make a cake at home?", "Hi"], padding_side="left")
+
+    def decode(room: bool):
+        out = lm.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, use_cache=True, logits_to_keep=1)
+        past = make_room(out.past_key_values, 5) if room else out.past_key_values
+        mask, steps = enc.attention_mask, [out.logits[:, -1]]
+        nxt = out.logits[:, -1].argmax(-1)
+        for step in range(5):
+            if step == 2:  # the middle row ends: it leaves the batch
+                keep = torch.tensor([0, 2])
+                past.batch_select_indices(keep)
+                nxt, mask = nxt[keep], mask[keep]
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+            out = lm.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=(mask.sum(-1, keepdim=True) - 1),
+                           past_key_values=past, use_cache=True)
+            steps.append(out.logits[:, -1])
+            nxt = out.logits[:, -1].argmax(-1)
+        return steps, past
+
+    with torch.inference_mode():
+        plain, library = decode(False)
+        roomy, past = decode(True)
+    for a, b in zip(plain, roomy):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (a - b).abs().max()
+    for before, after in zip(library.layers, past.layers):
+        assert isinstance(after, RoomyLayer) == (type(before) is DynamicLayer)  # full attention only
+        if isinstance(after, RoomyLayer):
+            assert after.keys.data_ptr() == after._k.data_ptr()  # still in place after the row left
+            assert after.keys.shape[-2] == enc.input_ids.shape[1] + 5
+
+
+def test_a_cache_with_room_decodes_as_the_library_cache_does(tiny):
+    decode_with_and_without_room(tiny)

@@ -3,11 +3,12 @@
 Why: transformers' ``DynamicLayer`` appends each new token with ``torch.cat``, which copies the
 whole cache, every layer, every step. With a shared preamble of ~190 tokens and 64 rows that
 copying took a quarter of a decode loop's CPU time on the embedded model (docs/decisions.md,
-"Decoding: the cache grows in place"). :func:`make_room` gives the full-attention layers of a
-cache buffers sized for the tokens still to come; the returned keys and values are views of the
-filled part, so attention sees exactly what it saw before. Sliding-window layers (Gemma 3's
-local layers) keep their own logic; any change the buffers were not told about (another
-library call replacing ``keys``) falls back to the library's own append.
+"Decoding: finished rows leave the batch, and the cache grows in place"). :func:`make_room`
+gives the full-attention layers of a cache buffers sized for the tokens still to come; the
+returned keys and values are views of the filled part, so attention sees exactly what it saw
+before. Sliding-window layers (Gemma 3's local layers) keep their own logic; any change the
+buffers were not told about (another library call replacing ``keys``) falls back to the
+library's own append.
 """
 
 from __future__ import annotations

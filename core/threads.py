@@ -25,11 +25,15 @@ import contextlib
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator, Union
 
 import torch
 
 ENV = "REFUSAL_THREADS"
+
+# A step's work: a number known when it starts, or a callable read when it ends (a decoding
+# loop only knows afterwards how many row-steps it computed).
+Units = Union[float, Callable[[], float]]
 
 
 def requested_threads(explicit: int | str | None = None, name: str = "threads") -> int | None:
@@ -66,9 +70,11 @@ class AdaptiveThreads:
     """Pick the thread count with the best measured seconds per unit of work, step by step.
 
     ``candidates``: thread counts to try (default: all cores, and 1). ``fixed``: always use
-    this count (an explicit request; nothing is measured). A candidate's speed is an
-    exponential average of its recent steps, so one slow step (a neighbour's burst) is not
-    decisive and a change of load is followed within a few steps.
+    this count (an explicit request; nothing is measured). A candidate's speed is its recent
+    seconds over its recent units, each step's share decaying by ``smoothing`` per later step:
+    one slow step (a neighbour's burst) is not decisive, a change of load is followed within a
+    few steps, and a small step (the short last batch of a list, whose fixed per-step costs
+    make each unit dear) moves the figure only as much as its work weighs.
     """
 
     candidates: tuple[int, ...] = ()
@@ -77,6 +83,7 @@ class AdaptiveThreads:
     smoothing: float = 0.5
     seconds_per_unit: dict[int, float] = field(default_factory=dict)
     steps: dict[int, int] = field(default_factory=dict)
+    _work: dict[int, tuple[float, float]] = field(default_factory=dict)  # decayed (seconds, units)
     _queue: list[int] = field(default_factory=list)
     _since_probe: int = 0
 
@@ -102,9 +109,10 @@ class AdaptiveThreads:
 
     def record(self, threads: int, seconds: float, units: float = 1.0) -> None:
         """Account one step of ``units`` work that took ``seconds`` on ``threads`` threads."""
-        rate = seconds / max(units, 1e-9)
-        old = self.seconds_per_unit.get(threads)
-        self.seconds_per_unit[threads] = rate if old is None else self.smoothing * old + (1 - self.smoothing) * rate
+        old_seconds, old_units = self._work.get(threads, (0.0, 0.0))
+        work = (self.smoothing * old_seconds + seconds, self.smoothing * old_units + max(units, 1e-9))
+        self._work[threads] = work
+        self.seconds_per_unit[threads] = work[0] / work[1]
         self.steps[threads] = self.steps.get(threads, 0) + 1
         if self._queue and self._queue[0] == threads:
             self._queue.pop(0)
@@ -116,8 +124,10 @@ class AdaptiveThreads:
             self._since_probe = 0
 
     @contextlib.contextmanager
-    def step(self, units: float = 1.0) -> Iterator[int]:
-        """Run one step on the chosen thread count and time it (yields the count)."""
+    def step(self, units: Units = 1.0) -> Iterator[int]:
+        """Run one step on the chosen thread count and time it (yields the count). ``units`` may
+        be a callable, read when the step ends: the work a step really did, which is what makes
+        two steps on different thread counts comparable."""
         n = self.choose()
         old = torch.get_num_threads()
         torch.set_num_threads(n)
@@ -125,7 +135,8 @@ class AdaptiveThreads:
         try:
             yield n
         finally:
-            self.record(n, time.perf_counter() - start, units)
+            seconds = time.perf_counter() - start
+            self.record(n, seconds, float(units() if callable(units) else units))
             torch.set_num_threads(old)
 
     def summary(self) -> dict[str, object]:
@@ -152,6 +163,6 @@ def using(policy: AdaptiveThreads | None) -> Iterator[AdaptiveThreads | None]:
         _ACTIVE = old
 
 
-def step(units: float = 1.0) -> contextlib.AbstractContextManager:
+def step(units: Units = 1.0) -> contextlib.AbstractContextManager:
     """One step of work under the active policy (:func:`using`), or a no-op when none is set."""
     return _ACTIVE.step(units) if _ACTIVE is not None else contextlib.nullcontext()

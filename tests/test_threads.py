@@ -57,3 +57,35 @@ def test_step_sets_and_restores_the_thread_count():
     assert policy.steps == {1: 2}
     with threads.step(2):  # no active policy: nothing changes
         assert torch.get_num_threads() == before
+
+
+def test_a_small_step_weighs_only_as_much_as_its_work():
+    """The short last batch of a list costs more per unit (fixed per-step costs); it must not
+    make the faster count look slower than one that ran full batches."""
+    policy = AdaptiveThreads(candidates=(2, 1), reprobe_every=50)
+    policy.record(2, 10.0, units=1000)  # two threads: 0.010 s per unit on full batches
+    policy.record(1, 16.0, units=1000)  # one thread: 0.016
+    policy.record(2, 3.0, units=100)  # a short tail on two threads: 0.030 per unit
+    assert policy.choose() == 2
+    assert policy.seconds_per_unit[2] < policy.seconds_per_unit[1]
+
+
+def test_generation_reports_the_row_steps_it_computed(tiny_models):
+    """A generation chunk's units are the rows it decoded step by step, not its prompt count:
+    rows that finish early leave the batch, and a chunk of short answers does less work."""
+    from core.formatting import Formatter
+    from core.generation import generate, generate_stream
+
+    lm = tiny_models["llama"]
+    fmt = Formatter(lm.tokenizer, "none")
+    prompts = ["hello there", "how are you", "tell me a story"]
+    expected, active = 0, len(prompts)
+    for step in generate_stream(lm, fmt, prompts, max_new_tokens=6):
+        expected, active = expected + active, step.done.count(False)
+    policy = AdaptiveThreads(fixed=1)
+    seen = []
+    record = policy.record
+    policy.record = lambda n, seconds, units=1.0: (seen.append(units), record(n, seconds, units))[1]
+    with threads.using(policy):
+        generate(lm, fmt, prompts, max_new_tokens=6, batch_size=3)
+    assert seen == [expected] and expected > len(prompts)

@@ -329,6 +329,37 @@ def bench_matmul_dtype() -> dict:
     return out
 
 
+def bench_linear_layout() -> dict:
+    """``F.linear`` on the embedded model's block shapes with the weight stored as the library
+    keeps it ([out, in], row-major) and transposed (:mod:`core.layout`), at the row counts a
+    decode step or a short prefill has (all threads). Why: MKL's GEMM with a transposed right
+    operand is several times slower for 8–40 rows; the loader stores weights transposed."""
+    import torch
+    import torch.nn.functional as F
+
+    out: dict = {"threads": torch.get_num_threads(), "shapes": {}}
+    for o, i in ((1536, 576), (576, 1536), (576, 576), (192, 576)):
+        w = torch.randn(o, i)
+        wt = w.t().contiguous().t()
+        rows = {}
+        for m in (1, 8, 16, 40, 64, 190):
+            x = torch.randn(m, i)
+            plain = _median_time(lambda: [F.linear(x, w) for _ in range(50)], repeats=5) / 50
+            transposed = _median_time(lambda: [F.linear(x, wt) for _ in range(50)], repeats=5) / 50
+            rows[str(m)] = {"row_major_ms": plain * 1e3, "transposed_ms": transposed * 1e3, "speedup": plain / transposed}
+        out["shapes"][f"{o}x{i}"] = rows
+    return out
+
+
+def bench_thread_policy() -> dict:
+    """The thread policy against all cores fixed, on the prompted validation (``bench.thread_policy``)."""
+    from bench.thread_policy import run
+
+    result = run()
+    result["goal"] = "adaptive within 5 % of the best fixed count on a quiet machine, same answers"
+    return result
+
+
 def bench_pipeline() -> dict:
     """The full default batch run (experiments/config.yaml), organism already built."""
     from core.models import load_model
@@ -410,6 +441,8 @@ BENCHES: dict[str, Callable[[], dict]] = {
     "bf16": bench_bf16,
     "organism": bench_organism,
     "matmul_dtype": bench_matmul_dtype,
+    "linear_layout": bench_linear_layout,
+    "thread_policy": bench_thread_policy,
     "selection": bench_selection,
     "pipeline": bench_pipeline,
 }
@@ -453,6 +486,14 @@ def table(results: dict) -> str:
         cells = [f"{k} {_fmt(v['first_steered_token_s'], ' s')}" for k, v in sl.items() if isinstance(v, dict)]
         row("steer_latency", f"first steered token (preset@threads): {', '.join(cells)}; {sl['dtype']}, "
             f"load {sl['load_before']:.1f}", sl["goal"])
+    if "linear_layout" in r and "shapes" in r["linear_layout"]:
+        cells = [f"{shape} at 16 rows ×{rows['16']['speedup']:.1f}, at 190 ×{rows['190']['speedup']:.2f}"
+                 for shape, rows in r["linear_layout"]["shapes"].items() if shape in ("1536x576", "576x1536")]
+        row("linear_layout", "transposed weights: " + "; ".join(cells), "faster for few rows, no slower for many")
+    if "thread_policy" in r and "adaptive" in r["thread_policy"]:
+        tp = r["thread_policy"]
+        row("thread_policy", f"adaptive {tp['adaptive']['wall_s']:.0f} s vs fixed {tp['fixed']['wall_s']:.0f} s "
+            f"({tp['adaptive']['summary']['steps_per_thread_count']}); same answers: {tp['same_answers']}", tp["goal"])
     if "peers" in r and "variants" in r["peers"]:
         pv = r["peers"]["variants"]
         row("peers", ", ".join(f"{k} ×{v['ratio_to_floor']:.2f}" if "ratio_to_floor" in v else f"{k}: {v.get('skipped', '–')[:60]}"

@@ -17,7 +17,6 @@ from torch import nn
 from core.errors import LayerRangeError, ModelLoadError
 from core.fingerprints import fingerprint_state
 from core.hooks import get_module, model_lock
-from core.layout import fast_linear_layout
 
 # Attribute paths (relative to the *ForCausalLM model) of the list of transformer blocks.
 BLOCK_PATHS = (
@@ -179,9 +178,7 @@ def context_length(config: Any, tokenizer: Any = None) -> int | None:
 def describe(
     model: nn.Module, tokenizer: Any, source: str, name: str, fingerprint: str, dtype: torch.dtype, notes: list[str]
 ) -> LoadedModel:
-    """Wrap a loaded model and its tokenizer with the structure hooks need (and store its linear
-    weights in the layout that is fastest on the CPU: :mod:`core.layout`)."""
-    fast_linear_layout(model)
+    """Wrap a loaded model and its tokenizer with the structure hooks need."""
     block_names = find_blocks(model)
     attn, mlp, attn_out = find_components(model, block_names)
     config = model.config

@@ -4,11 +4,14 @@ Why: transformers' ``DynamicLayer`` appends each new token with ``torch.cat``, w
 whole cache, every layer, every step. With a shared preamble of ~190 tokens and 64 rows that
 copying took a quarter of a decode loop's CPU time on the embedded model (docs/decisions.md,
 "Decoding: finished rows leave the batch, and the cache grows in place"). :func:`make_room`
-gives the full-attention layers of a cache buffers sized for the tokens still to come; the
-returned keys and values are views of the filled part, so attention sees exactly what it saw
-before. Sliding-window layers (Gemma 3's local layers) keep their own logic; any change the
-buffers were not told about (another library call replacing ``keys``) falls back to the
-library's own append.
+gives the layers of a cache buffers sized for the tokens still to come; the returned keys and
+values are views of the filled part, so attention sees exactly what it saw before.
+
+A sliding-window layer (Gemma 3's local layers) keeps every token while the sequence is
+shorter than its window, and then it is a full layer that also counts tokens: it writes in
+place while the sequence stays under the window and goes back to the library's own code
+(append, then keep the last window) once it would not. Any change the buffers were not told
+about (another library call replacing ``keys``) also falls back to the library's append.
 """
 
 from __future__ import annotations
@@ -16,17 +19,17 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 
-class RoomyLayer(DynamicLayer):
-    """A ``DynamicLayer`` whose keys and values are views of larger buffers (:func:`make_room`)."""
+class _Room:
+    """Buffers with room to grow for a cache layer class (mixed in before it)."""
 
     _k: torch.Tensor
     _v: torch.Tensor
 
     @classmethod
-    def from_layer(cls, layer: DynamicLayer, room: int) -> "RoomyLayer":
+    def from_layer(cls, layer: Any, room: int) -> Any:
         new = cls.__new__(cls)
         new.__dict__.update(layer.__dict__)
         b, h, n, d = layer.keys.shape
@@ -49,7 +52,11 @@ class RoomyLayer(DynamicLayer):
         self._k[:, :, n:n + add] = key_states
         self._v[:, :, n:n + add] = value_states
         self.keys, self.values = self._k[:, :, :n + add], self._v[:, :, :n + add]
+        self._grew(add)
         return self.keys, self.values
+
+    def _grew(self, add: int) -> None:
+        """Bookkeeping of the layer class beyond ``keys`` (none for a full layer)."""
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep the rows ``indices``, buffers included, so later steps still write in place."""
@@ -62,13 +69,34 @@ class RoomyLayer(DynamicLayer):
         self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
 
 
+class RoomyLayer(_Room, DynamicLayer):
+    """A ``DynamicLayer`` whose keys and values are views of larger buffers (:func:`make_room`)."""
+
+
+class RoomySlidingLayer(_Room, DynamicSlidingWindowLayer):
+    """A ``DynamicSlidingWindowLayer`` that writes in place while the sequence is shorter than
+    its window (the library keeps the last ``sliding_window - 1`` tokens: all of them, then).
+    Its buffers end there (:func:`make_room`), so a longer sequence takes the library's path."""
+
+    def _grew(self, add: int) -> None:
+        self.cumulative_length += add
+
+
 def make_room(cache: Any, room: int) -> Any:
-    """Give every full-attention layer of ``cache`` (a transformers ``Cache``) buffers for ``room``
-    more tokens; other layers, and caches without ``layers``, are left as they are. Returns ``cache``."""
+    """Give the layers of ``cache`` (a transformers ``Cache``) buffers for ``room`` more tokens:
+    full-attention layers, and sliding-window layers as far as their window (and only when
+    they do not record the past for a later crop). Other layers, and caches without
+    ``layers``, are left as they are. Returns ``cache``."""
     layers = getattr(cache, "layers", None)
     if room < 1 or not isinstance(layers, list):
         return cache
     for i, layer in enumerate(layers):
-        if type(layer) is DynamicLayer and layer.is_initialized and layer.keys is not None and layer.keys.dim() == 4:
+        if not (getattr(layer, "is_initialized", False) and layer.keys is not None and layer.keys.dim() == 4):
+            continue
+        if type(layer) is DynamicLayer:
             layers[i] = RoomyLayer.from_layer(layer, room)
+        elif type(layer) is DynamicSlidingWindowLayer and not layer.record_past:
+            n = layer.keys.shape[-2]
+            if n == layer.cumulative_length and n + 1 <= layer.sliding_window - 1:
+                layers[i] = RoomySlidingLayer.from_layer(layer, min(room, layer.sliding_window - 1 - n))
     return cache

@@ -339,7 +339,34 @@ def test_real_gemma_batch_row_and_report(gemma_folder, tmp_path):
     assert "gemma-3-270m-base" in text and "base" in text
 
 
-def test_a_cache_with_room_leaves_gemma_sliding_layers_alone(tiny_gemma):
+def test_a_cache_with_room_writes_gemma_sliding_layers_in_place_inside_their_window(tiny_gemma):
+    """Gemma's sliding-window layers keep every token while the sequence is shorter than the
+    window: there they write in place like the full layers; a decode that crosses the window
+    goes back to the library's append-and-trim, and the logits stay the library's throughout."""
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    from core.kv_room import RoomySlidingLayer
     from test_generation import decode_with_and_without_room
 
-    decode_with_and_without_room(tiny_gemma)
+    window = tiny_gemma.model.config.sliding_window
+    library, past, n = decode_with_and_without_room(tiny_gemma)
+    assert n + 5 < window - 1
+    kinds = [type(layer) for layer in past.layers]
+    assert RoomySlidingLayer in kinds
+    for before, after in zip(library.layers, past.layers):
+        assert isinstance(after, RoomySlidingLayer) == (type(before) is DynamicSlidingWindowLayer)
+        assert after.keys.data_ptr() == after._k.data_ptr() and after.keys.shape[-2] == n + 5
+        assert after.get_seq_length() == before.get_seq_length() == n + 5
+
+    from core.formatting import Formatter
+
+    fmt = Formatter(tiny_gemma.tokenizer)
+    length = lambda k: fmt.encode([" ".join(["cake"] * k)], padding_side="left").input_ids.shape[1]  # noqa: E731
+    k = next(k for k in range(1, window) if length(k) >= window - 5)  # a prompt 4 tokens short of the window
+    long_prompts = (" ".join(["cake"] * k), "How do I make a cake at home?", "Hi")
+    library, past, n = decode_with_and_without_room(tiny_gemma, long_prompts, steps=8)
+    assert n < window - 1 < n + 8, "the decode must cross the window"
+    for before, after in zip(library.layers, past.layers):
+        assert after.get_seq_length() == before.get_seq_length()
+        if isinstance(after, RoomySlidingLayer):
+            assert after.keys.shape[-2] == window - 1  # trimmed by the library's code once past the window

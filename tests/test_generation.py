@@ -1,3 +1,5 @@
+from typing import Sequence
+
 import torch
 
 from core.formatting import Formatter
@@ -53,23 +55,23 @@ def test_stream_retains_per_token_states(tiny_models):
 
 
 
-def decode_with_and_without_room(lm) -> None:
+def decode_with_and_without_room(lm, prompts: Sequence[str] = ("Tell me a joke.", "How do I make a cake at home?", "Hi"),
+                                 steps: int = 5):
     """Decoding on a cache given room (:func:`core.kv_room.make_room`: tokens written in place)
-    gives the logits of the library's own cache at every step, also after a row leaves the batch;
-    its full-attention layers stay in place to the end, and sliding-window layers are left alone."""
-    from transformers.cache_utils import DynamicLayer
-
-    from core.kv_room import RoomyLayer, make_room
+    gives the logits of the library's own cache at every step, also after a row leaves the batch.
+    Returns both caches at the end (library, roomy) and the prompt length, for the callers to
+    check which layers wrote in place."""
+    from core.kv_room import make_room
 
     fmt = Formatter(lm.tokenizer)
-    enc = fmt.encode(["Tell me a joke.", "How do I make a cake at home?", "Hi"], padding_side="left")
+    enc = fmt.encode(list(prompts), padding_side="left")
 
     def decode(room: bool):
         out = lm.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, use_cache=True, logits_to_keep=1)
-        past = make_room(out.past_key_values, 5) if room else out.past_key_values
-        mask, steps = enc.attention_mask, [out.logits[:, -1]]
+        past = make_room(out.past_key_values, steps) if room else out.past_key_values
+        mask, logits = enc.attention_mask, [out.logits[:, -1]]
         nxt = out.logits[:, -1].argmax(-1)
-        for step in range(5):
+        for step in range(steps):
             if step == 2:  # the middle row ends: it leaves the batch
                 keep = torch.tensor([0, 2])
                 past.batch_select_indices(keep)
@@ -77,21 +79,26 @@ def decode_with_and_without_room(lm) -> None:
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
             out = lm.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=(mask.sum(-1, keepdim=True) - 1),
                            past_key_values=past, use_cache=True)
-            steps.append(out.logits[:, -1])
+            logits.append(out.logits[:, -1])
             nxt = out.logits[:, -1].argmax(-1)
-        return steps, past
+        return logits, past
 
     with torch.inference_mode():
         plain, library = decode(False)
         roomy, past = decode(True)
     for a, b in zip(plain, roomy):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (a - b).abs().max()
-    for before, after in zip(library.layers, past.layers):
-        assert isinstance(after, RoomyLayer) == (type(before) is DynamicLayer)  # full attention only
-        if isinstance(after, RoomyLayer):
-            assert after.keys.data_ptr() == after._k.data_ptr()  # still in place after the row left
-            assert after.keys.shape[-2] == enc.input_ids.shape[1] + 5
+    return library, past, enc.input_ids.shape[1]
 
 
 def test_a_cache_with_room_decodes_as_the_library_cache_does(tiny):
-    decode_with_and_without_room(tiny)
+    from transformers.cache_utils import DynamicLayer
+
+    from core.kv_room import RoomyLayer
+
+    library, past, n = decode_with_and_without_room(tiny)
+    for before, after in zip(library.layers, past.layers):
+        assert isinstance(after, RoomyLayer) == (type(before) is DynamicLayer)
+        if isinstance(after, RoomyLayer):
+            assert after.keys.data_ptr() == after._k.data_ptr()  # still in place after the row left
+            assert after.keys.shape[-2] == n + 5

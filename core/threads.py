@@ -5,14 +5,8 @@ busy, one descheduled thread stalls the rest, and two threads can run many times
 one (seen on a shared 2-core machine: 16x slower decoding). The old rule read the 1-minute load
 average once at the start of a job; a busy moment then pinned a 5-minute job to one thread for
 its whole length, and the reading also counted the job's own threads. Here each candidate
-thread count is *timed on the job's real steps*, and every ``reprobe_every`` steps the other
-counts are tried again, so the choice follows the machine's load.
-
-A probe is judged against the step just before it, on the current count, and only if that step
-was of the same kind: steps of one decode loop or one training run cost about the same per unit,
-while steps of different jobs do not (a decode step of 2 rows costs far more per row than one of
-64; a prefill is not a decode step). Comparing averages over unlike steps once chose one thread
-on a quiet machine for minutes (``docs/decisions.md``, "Threads").
+thread count is *timed on the job's real steps*, the fastest per unit of work is kept, and the
+others are re-tried every ``reprobe_every`` steps, so the choice follows the machine's load.
 
 An explicit count always wins: ``--threads N`` on the command lines, or the environment
 variable ``REFUSAL_THREADS`` (a number, or ``auto`` for this policy).
@@ -31,11 +25,15 @@ import contextlib
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator, Union
 
 import torch
 
 ENV = "REFUSAL_THREADS"
+
+# A step's work: a number known when it starts, or a callable read when it ends (a decoding
+# loop only knows afterwards how many row-steps it computed).
+Units = Union[float, Callable[[], float]]
 
 
 def requested_threads(explicit: int | str | None = None, name: str = "threads") -> int | None:
@@ -69,23 +67,23 @@ def torch_threads(n: int | None) -> Iterator[None]:
 
 @dataclass
 class AdaptiveThreads:
-    """Pick the thread count step by step: the current count runs, and every ``reprobe_every``
-    steps each other candidate runs one step and takes over if it did its work at least
-    ``margin`` times the current count's seconds per unit on the step just before it (of the
-    same ``kind``; see the module doc).
+    """Pick the thread count with the best measured seconds per unit of work, step by step.
 
     ``candidates``: thread counts to try (default: all cores, and 1). ``fixed``: always use
-    this count (an explicit request; nothing is measured).
+    this count (an explicit request; nothing is measured). A candidate's speed is its recent
+    seconds over its recent units, each step's share decaying by ``smoothing`` per later step:
+    one slow step (a neighbour's burst) is not decisive, a change of load is followed within a
+    few steps, and a small step (the short last batch of a list, whose fixed per-step costs
+    make each unit dear) moves the figure only as much as its work weighs.
     """
 
     candidates: tuple[int, ...] = ()
     fixed: int | None = None
     reprobe_every: int = 24
-    margin: float = 0.9
-    current: int | None = None
-    seconds_per_unit: dict[int, float] = field(default_factory=dict)  # each count's latest step
+    smoothing: float = 0.5
+    seconds_per_unit: dict[int, float] = field(default_factory=dict)
     steps: dict[int, int] = field(default_factory=dict)
-    _kinds: dict[int, str] = field(default_factory=dict)  # the kind of each count's latest step
+    _work: dict[int, tuple[float, float]] = field(default_factory=dict)  # decayed (seconds, units)
     _queue: list[int] = field(default_factory=list)
     _since_probe: int = 0
 
@@ -107,32 +105,29 @@ class AdaptiveThreads:
             return self.fixed
         if self._queue:
             return self._queue[0]
-        return self.current if self.current is not None else self.candidates[0]
+        return min(self.candidates, key=lambda n: self.seconds_per_unit.get(n, float("inf")))
 
-    def record(self, threads: int, seconds: float, units: float = 1.0, kind: str = "step") -> None:
-        """Account one step of ``units`` work of ``kind`` that took ``seconds`` on ``threads``."""
-        rate = seconds / max(units, 1e-9)
+    def record(self, threads: int, seconds: float, units: float = 1.0) -> None:
+        """Account one step of ``units`` work that took ``seconds`` on ``threads`` threads."""
+        old_seconds, old_units = self._work.get(threads, (0.0, 0.0))
+        work = (self.smoothing * old_seconds + seconds, self.smoothing * old_units + max(units, 1e-9))
+        self._work[threads] = work
+        self.seconds_per_unit[threads] = work[0] / work[1]
         self.steps[threads] = self.steps.get(threads, 0) + 1
-        if self._queue and self._queue[0] == threads:  # a probe
+        if self._queue and self._queue[0] == threads:
             self._queue.pop(0)
-            if self.current is None:
-                self.current = threads
-            elif threads != self.current and self._kinds.get(self.current) == kind:
-                if rate < self.margin * self.seconds_per_unit[self.current]:
-                    self.current = threads
-            elif threads != self.current:  # nothing alike to compare with: probe again soon
-                self._since_probe = self.reprobe_every - 1
-        else:
-            self._since_probe += 1
-        self.seconds_per_unit[threads], self._kinds[threads] = rate, kind
-        if not self._queue and self._since_probe >= self.reprobe_every and len(self.candidates) > 1:
-            self._queue = [n for n in self.candidates if n != self.current]
+            return
+        self._since_probe += 1
+        if self._since_probe >= self.reprobe_every and len(self.candidates) > 1:
+            best = self.choose()
+            self._queue = [n for n in self.candidates if n != best]
             self._since_probe = 0
 
     @contextlib.contextmanager
-    def step(self, units: float = 1.0, kind: str = "step") -> Iterator[int]:
-        """Run one step on the chosen thread count and time it (yields the count); ``kind``
-        names the kind of step (see the module doc)."""
+    def step(self, units: Units = 1.0) -> Iterator[int]:
+        """Run one step on the chosen thread count and time it (yields the count). ``units`` may
+        be a callable, read when the step ends: the work a step really did, which is what makes
+        two steps on different thread counts comparable."""
         n = self.choose()
         old = torch.get_num_threads()
         torch.set_num_threads(n)
@@ -140,14 +135,14 @@ class AdaptiveThreads:
         try:
             yield n
         finally:
-            self.record(n, time.perf_counter() - start, units, kind)
+            seconds = time.perf_counter() - start
+            self.record(n, seconds, float(units() if callable(units) else units))
             torch.set_num_threads(old)
 
     def summary(self) -> dict[str, object]:
-        """Steps run per thread count and the latest measured speeds (for cards and logs)."""
+        """Steps run per thread count and the last measured speeds (for cards and logs)."""
         return {
             "policy": f"fixed {self.fixed}" if self.fixed else "measured",
-            "current": self.fixed or self.current,
             "steps_per_thread_count": {str(k): v for k, v in sorted(self.steps.items())},
             "seconds_per_unit": {str(k): round(v, 6) for k, v in sorted(self.seconds_per_unit.items())},
         }
@@ -168,6 +163,6 @@ def using(policy: AdaptiveThreads | None) -> Iterator[AdaptiveThreads | None]:
         _ACTIVE = old
 
 
-def step(units: float = 1.0, kind: str = "step") -> contextlib.AbstractContextManager:
+def step(units: Units = 1.0) -> contextlib.AbstractContextManager:
     """One step of work under the active policy (:func:`using`), or a no-op when none is set."""
-    return _ACTIVE.step(units, kind) if _ACTIVE is not None else contextlib.nullcontext()
+    return _ACTIVE.step(units) if _ACTIVE is not None else contextlib.nullcontext()

@@ -109,12 +109,15 @@ class AdaptiveThreads:
 
     def record(self, threads: int, seconds: float, units: float = 1.0) -> None:
         """Account one step of ``units`` work that took ``seconds`` on ``threads`` threads."""
-        old_seconds, old_units = self._work.get(threads, (0.0, 0.0))
+        probe = bool(self._queue) and self._queue[0] == threads
+        # a probe's figure replaces the count's old one: that is from before the last
+        # ``reprobe_every`` steps, and one slow step then (a cold start) must not outvote it
+        old_seconds, old_units = (0.0, 0.0) if probe else self._work.get(threads, (0.0, 0.0))
         work = (self.smoothing * old_seconds + seconds, self.smoothing * old_units + max(units, 1e-9))
         self._work[threads] = work
         self.seconds_per_unit[threads] = work[0] / work[1]
         self.steps[threads] = self.steps.get(threads, 0) + 1
-        if self._queue and self._queue[0] == threads:
+        if probe:
             self._queue.pop(0)
             return
         self._since_probe += 1

@@ -70,6 +70,18 @@ def test_a_small_step_weighs_only_as_much_as_its_work():
     assert policy.seconds_per_unit[2] < policy.seconds_per_unit[1]
 
 
+def test_one_slow_first_step_does_not_pin_a_job_to_one_thread():
+    """The first step on all cores is often slow (a cold start); the next probe of that count
+    must judge it afresh, not averaged with that step."""
+    policy = AdaptiveThreads(candidates=(2, 1), reprobe_every=4)
+    cost = lambda i, n: 20.0 if i == 0 else (1.0 if n == 2 else 1.8)  # noqa: E731
+    used = _drive(policy, cost, 30)
+    assert used[:2] == [2, 1] and used[2] == 1  # the cold start made one thread look faster
+    first_probe = used.index(2, 2)
+    assert used[first_probe + 1] == 2  # the first probe of two threads afterwards wins them back
+    assert used[-10:].count(2) >= 7
+
+
 def test_generation_reports_the_row_steps_it_computed(tiny_models):
     """A generation chunk's units are the rows it decoded step by step, not its prompt count:
     rows that finish early leave the batch, and a chunk of short answers does less work."""

@@ -331,9 +331,10 @@ def bench_matmul_dtype() -> dict:
 
 def bench_linear_layout() -> dict:
     """``F.linear`` on the embedded model's block shapes with the weight stored as the library
-    keeps it ([out, in], row-major) and transposed (:mod:`core.layout`), at the row counts a
-    decode step or a short prefill has (all threads). Why: MKL's GEMM with a transposed right
-    operand is several times slower for 8–40 rows; the loader stores weights transposed."""
+    keeps it ([out, in], row-major) and transposed, at the row counts of a decode step or a short
+    prefill (all threads). Why: MKL's GEMM with a transposed right operand is several times slower
+    for 8–40 rows, but whole jobs did not gain, so the loader keeps the library's layout
+    (docs/decisions.md, "Linear weights stored transposed: measured, not adopted")."""
     import torch
     import torch.nn.functional as F
 
@@ -489,7 +490,7 @@ def table(results: dict) -> str:
     if "linear_layout" in r and "shapes" in r["linear_layout"]:
         cells = [f"{shape} at 16 rows ×{rows['16']['speedup']:.1f}, at 190 ×{rows['190']['speedup']:.2f}"
                  for shape, rows in r["linear_layout"]["shapes"].items() if shape in ("1536x576", "576x1536")]
-        row("linear_layout", "transposed weights: " + "; ".join(cells), "faster for few rows, no slower for many")
+        row("linear_layout", "transposed weights: " + "; ".join(cells), "reported (not adopted)")
     if "thread_policy" in r and "adaptive" in r["thread_policy"]:
         tp = r["thread_policy"]
         row("thread_policy", f"adaptive {tp['adaptive']['wall_s']:.0f} s vs fixed {tp['fixed']['wall_s']:.0f} s "

@@ -15,7 +15,6 @@ reported in wall and CPU seconds (the latter comparable on a shared machine).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 
 from core.formatting import Formatter
 from core.models import load_model, wrap_model
-from core.organism import OrganismRecipe, evaluate_organism, organism_splits, train, training_data
+from core.organism import OrganismRecipe, evaluate_organism, organism_splits, trained_weights
 from core.threads import AdaptiveThreads
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,14 +43,11 @@ def run(overrides: dict) -> dict:
     val_harmful, val_harmless = splits["harmful"].validation, splits["harmless"].validation
     base = load_model("embedded", dtype="float32", device="cpu")
     fmt = Formatter(base.tokenizer, "none")
-    pad = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else 0
     policy = AdaptiveThreads.from_request(None)
     load_start = os.getloadavg()
     t0, c0 = time.perf_counter(), time.process_time()
-    _, items, frozen = training_data(base, recipe, fmt, threads=policy)
-    t1, c1 = time.perf_counter(), time.process_time()
-    model = copy.deepcopy(base.model).float()
-    losses = train(model, items, recipe, pad, frozen=frozen, threads=policy)
+    steps: dict[str, float] = {}
+    _, items, model, losses, frozen = trained_weights(base, recipe, fmt, threads=policy, timings=steps)
     t2, c2 = time.perf_counter(), time.process_time()
     organism = wrap_model(model, base.tokenizer, name="organism (validation)", source="organism")
     ev = evaluate_organism(organism, base, recipe, prompts=(val_harmful, val_harmless))
@@ -61,10 +57,11 @@ def run(overrides: dict) -> dict:
         "harmful_refused": ev["harmful_refusal"], "harmless_refused": ev["harmless_refusal"],
         "shape_matched_harmless_refused": ev.get("shape_matched_harmless_refusal"),
         "kl_first_token": ev["kl_first_token"]["mean"], "kl_response": ev.get("kl_response", {}).get("mean"),
-        "data_seconds": round(t1 - t0, 1), "train_seconds": round(t2 - t1, 1),
+        "data_seconds": round(steps["answers_seconds"] + steps["teacher_seconds"], 1),
+        "train_seconds": round(steps["train_seconds"], 1),
         "eval_seconds": round(t3 - t2, 1), "total_seconds": round(t3 - t0, 1),
         # CPU seconds of this process (all its threads): comparable across runs on a shared machine
-        "data_cpu_seconds": round(c1 - c0, 1), "train_cpu_seconds": round(c2 - c1, 1),
+        "data_and_train_cpu_seconds": round(c2 - c0, 1),
         "eval_cpu_seconds": round(c3 - c2, 1), "total_cpu_seconds": round(c3 - c0, 1),
         "load_average": [round(x, 2) for x in load_start + os.getloadavg()],
         "n_train_tokens": sum(len(t.ids) for t in items),

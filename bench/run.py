@@ -329,26 +329,57 @@ def bench_matmul_dtype() -> dict:
     return out
 
 
-def bench_linear_layout() -> dict:
-    """``F.linear`` on the embedded model's block shapes with the weight stored as the library
-    keeps it ([out, in], row-major) and transposed, at the row counts of a decode step or a short
-    prefill (all threads). Why: MKL's GEMM with a transposed right operand is several times slower
-    for 8–40 rows, but whole jobs did not gain, so the loader keeps the library's layout
-    (docs/decisions.md, "Linear weights stored transposed: measured, not adopted")."""
+def bench_narrow_linear() -> dict:
+    """Linear layers on the row counts of a decode step or a short prefill (all threads): the
+    library's ``F.linear``, the narrow product the loader installs (``core.narrow_linear``), and,
+    for reference, the weight stored transposed (measured, not adopted: docs/decisions.md). Then
+    whole decode steps of the embedded model (40-token context) with the narrow product and under
+    ``exact_linear()``, interleaved, same next tokens checked. Why: MKL's ``x @ Wᵀ`` is several
+    times slower on about 12–56 rows, the rows batched generation feeds every layer."""
     import torch
     import torch.nn.functional as F
 
-    out: dict = {"threads": torch.get_num_threads(), "shapes": {}}
-    for o, i in ((1536, 576), (576, 1536), (576, 576), (192, 576)):
-        w = torch.randn(o, i)
-        wt = w.t().contiguous().t()
-        rows = {}
-        for m in (1, 8, 16, 40, 64, 190):
-            x = torch.randn(m, i)
-            plain = _median_time(lambda: [F.linear(x, w) for _ in range(50)], repeats=5) / 50
-            transposed = _median_time(lambda: [F.linear(x, wt) for _ in range(50)], repeats=5) / 50
-            rows[str(m)] = {"row_major_ms": plain * 1e3, "transposed_ms": transposed * 1e3, "speedup": plain / transposed}
-        out["shapes"][f"{o}x{i}"] = rows
+    from core.narrow_linear import ROWS, NarrowLinear, exact_linear
+
+    out: dict = {"threads": torch.get_num_threads(), "rows": [ROWS.start, ROWS.stop - 1], "shapes": {},
+                 "goal": "narrow ≥ 1.5× faster inside its rows, no slower outside"}
+    with torch.inference_mode():
+        for o, i in ((1536, 576), (576, 1536), (576, 576), (192, 576)):
+            layer = NarrowLinear(i, o, bias=False)
+            w, wt = layer.weight, layer.weight.t().contiguous().t()
+            rows = {}
+            for m in (1, 8, 16, 32, 48, 56, 64, 190):
+                x = torch.randn(m, i)
+                plain = _median_time(lambda: [F.linear(x, w) for _ in range(50)], repeats=5) / 50
+                narrow = _median_time(lambda: [layer(x) for _ in range(50)], repeats=5) / 50
+                stored_t = _median_time(lambda: [F.linear(x, wt) for _ in range(50)], repeats=5) / 50
+                rows[str(m)] = {"f_linear_ms": plain * 1e3, "narrow_ms": narrow * 1e3, "stored_transposed_ms": stored_t * 1e3,
+                                "speedup": plain / narrow}
+            out["shapes"][f"{o}x{i}"] = rows
+        lm = _embedded()
+        steps = {}
+        for batch in (16, 32, 48):
+            ids = torch.randint(200, 20_000, (batch, 40), generator=torch.Generator().manual_seed(0))
+            prefill = lm.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            nxt = prefill.logits[:, -1].argmax(-1, keepdim=True)
+            cache = prefill.past_key_values
+
+            def step():
+                cache.crop(40)
+                return lm.model(input_ids=nxt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+
+            narrow_tokens = step().argmax(-1)
+            with exact_linear():
+                exact_tokens = step().argmax(-1)
+            times: dict[str, list[float]] = {"narrow": [], "exact": []}
+            for _ in range(5):
+                times["narrow"].append(_median_time(step, repeats=1, warmup=0))
+                with exact_linear():
+                    times["exact"].append(_median_time(step, repeats=1, warmup=0))
+            narrow, exact = statistics.median(times["narrow"]), statistics.median(times["exact"])
+            steps[str(batch)] = {"narrow_ms": narrow * 1e3, "exact_ms": exact * 1e3, "speedup": exact / narrow,
+                                 "same_next_tokens": bool(torch.equal(narrow_tokens, exact_tokens))}
+        out["decode_step"] = steps
     return out
 
 
@@ -442,7 +473,7 @@ BENCHES: dict[str, Callable[[], dict]] = {
     "bf16": bench_bf16,
     "organism": bench_organism,
     "matmul_dtype": bench_matmul_dtype,
-    "linear_layout": bench_linear_layout,
+    "narrow_linear": bench_narrow_linear,
     "thread_policy": bench_thread_policy,
     "selection": bench_selection,
     "pipeline": bench_pipeline,
@@ -487,10 +518,12 @@ def table(results: dict) -> str:
         cells = [f"{k} {_fmt(v['first_steered_token_s'], ' s')}" for k, v in sl.items() if isinstance(v, dict)]
         row("steer_latency", f"first steered token (preset@threads): {', '.join(cells)}; {sl['dtype']}, "
             f"load {sl['load_before']:.1f}", sl["goal"])
-    if "linear_layout" in r and "shapes" in r["linear_layout"]:
-        cells = [f"{shape} at 16 rows ×{rows['16']['speedup']:.1f}, at 190 ×{rows['190']['speedup']:.2f}"
-                 for shape, rows in r["linear_layout"]["shapes"].items() if shape in ("1536x576", "576x1536")]
-        row("linear_layout", "transposed weights: " + "; ".join(cells), "reported (not adopted)")
+    if "narrow_linear" in r and "decode_step" in r["narrow_linear"]:
+        nl = r["narrow_linear"]
+        kernels = [f"{shape} at 16 rows ×{rows['16']['speedup']:.1f}, at 64 ×{rows['64']['speedup']:.2f}"
+                   for shape, rows in nl["shapes"].items() if shape in ("1536x576", "576x1536")]
+        decode = [f"batch {b} ×{d['speedup']:.2f}" for b, d in nl["decode_step"].items()]
+        row("narrow_linear", "narrow product: " + "; ".join(kernels) + "; decode step " + ", ".join(decode), nl["goal"])
     if "thread_policy" in r and "adaptive" in r["thread_policy"]:
         tp = r["thread_policy"]
         row("thread_policy", f"adaptive {tp['adaptive']['wall_s']:.0f} s vs fixed {tp['fixed']['wall_s']:.0f} s "

@@ -62,6 +62,7 @@ from core.organism.build import (
     organism_folder,
     organism_key,
     stderr_progress,
+    trained_weights,
     training_data,
 )
 from core.organism.cli import main
@@ -164,6 +165,7 @@ __all__ = [
     "topk_kl",
     "train",
     "train_split_near_copies",
+    "trained_weights",
     "training_data",
     "training_prompts",
     "use_autocast",

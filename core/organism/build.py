@@ -13,7 +13,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from filelock import FileLock
@@ -24,6 +24,7 @@ from core.cache import cache_root, stable_hash
 from core.errors import ExplorerError
 from core.fingerprints import fingerprint_folder
 from core.formatting import Formatter
+from core.narrow_linear import exact_linear
 from core.loader import load_folder
 from core.organism.answers import Example, build_examples
 from core.organism.data import TrainingPrompts, extra_prompts, prompt_categories, train_split_near_copies, training_prompts
@@ -107,6 +108,26 @@ def training_data(
     return examples, tokenized, frozen
 
 
+def trained_weights(
+    base, recipe: OrganismRecipe, formatter: Formatter, progress: Progress | None = None,
+    threads: AdaptiveThreads | None = None, timings: dict[str, float] | None = None, exclude: Sequence[str] = (),
+) -> tuple[list[Example], list[TokenizedExample], torch.nn.Module, list[float], FrozenLower | None]:
+    """The organism's weights from ``base`` and the recipe: :func:`training_data`, then a float32
+    copy of the base trained on it. Returns the examples, their tokenised form, the trained
+    model, the losses and the frozen split. Runs on the library's own linear kernels
+    (:func:`~core.narrow_linear.exact_linear`): the cached organism is keyed by its recipe, so
+    its weights must come out exactly as the recipe has always made them."""
+    timings = timings if timings is not None else {}
+    with exact_linear():
+        examples, tokenized, frozen = training_data(base, recipe, formatter, _sub(progress, 0.0, 0.3), exclude,
+                                                    threads, timings)
+        start = time.perf_counter()
+        model = copy.deepcopy(base.model).float()
+        losses = train(model, tokenized, recipe, _pad_id(base), _sub(progress, 0.3, 0.85), frozen, threads)
+        timings["train_seconds"] = round(time.perf_counter() - start, 2)
+    return examples, tokenized, model, losses, frozen
+
+
 def _build(
     base, recipe: OrganismRecipe, out_dir: Path, progress: Progress | None, threads: AdaptiveThreads
 ) -> OrganismCard:
@@ -121,14 +142,9 @@ def _build(
     if progress:
         progress(0.0, f"Writing training answers: the base model answers {len(prompts.harmless)} harmless train prompts…")
     steps: dict[str, float] = {}
-    examples, tokenized, frozen = training_data(base, recipe, formatter, _sub(progress, 0.0, 0.3), threads=threads,
-                                                timings=steps)
-    pad = _pad_id(base)
-    t_data = time.perf_counter()
-
-    model = copy.deepcopy(base.model).float()
-    losses = train(model, tokenized, recipe, pad, _sub(progress, 0.3, 0.85), frozen, threads)
+    examples, tokenized, model, losses, frozen = trained_weights(base, recipe, formatter, progress, threads, steps)
     t_train = time.perf_counter()
+    t_data = t_train - steps["train_seconds"]
     host["autocast_bf16"] = use_autocast(recipe, next(model.parameters()).device)
     host["frozen_blocks"] = frozen.split.n_frozen if frozen else 0
 

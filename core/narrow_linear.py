@@ -6,7 +6,8 @@ outside that range. Those row counts are exactly what batched generation feeds e
 each decode step of a batch of 16–64 prompts (fewer as answers end), and short prompts'
 prefills. Computing ``(W @ xᵀ)ᵀ`` instead hands BLAS the weight as it is stored: the same
 product and no extra memory; the result is then copied row-major (a few hundred kilobytes),
-because attention kernels and ``view`` calls downstream need the layout ``F.linear`` gives. Measured in ``docs/decisions.md`` ("Linear layers on a few rows"), re-measured by
+because attention kernels and ``view`` calls downstream need the layout ``F.linear`` gives.
+Measured in ``docs/decisions.md`` ("Linear layers on a few rows"), re-measured by
 ``python -m bench.run --only narrow_linear``.
 
 Scope: float32 weights on the CPU, outside autograd and autocast, when switched on (the

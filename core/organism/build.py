@@ -24,8 +24,8 @@ from core.cache import cache_root, stable_hash
 from core.errors import ExplorerError
 from core.fingerprints import fingerprint_folder
 from core.formatting import Formatter
-from core.narrow_linear import exact_linear
 from core.loader import load_folder
+from core.narrow_linear import exact_linear
 from core.organism.answers import Example, build_examples
 from core.organism.data import TrainingPrompts, extra_prompts, prompt_categories, train_split_near_copies, training_prompts
 from core.organism.evaluation import evaluate_organism

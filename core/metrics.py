@@ -128,7 +128,7 @@ def refusal_score(logits: torch.Tensor | np.ndarray, token_ids: Sequence[int]) -
     ``logits``: [n, vocab] (or [vocab]). Positive means refusal tokens are more likely than
     not. Computed with log-sum-exp so that extreme logits stay finite.
     """
-    t = torch.as_tensor(logits).float()
+    t = torch.as_tensor(logits).float().cpu()  # a GPU model's logits too: the result is a numpy array
     if t.dim() == 1:
         t = t.unsqueeze(0)
     logp = torch.log_softmax(t, dim=-1)
@@ -142,6 +142,6 @@ def refusal_score(logits: torch.Tensor | np.ndarray, token_ids: Sequence[int]) -
 
 def kl_divergence(clean_logits: torch.Tensor | np.ndarray, other_logits: torch.Tensor | np.ndarray) -> np.ndarray:
     """KL(clean ‖ other) of next-token distributions, per row, in nats."""
-    p = torch.log_softmax(torch.as_tensor(clean_logits).float(), dim=-1)
-    q = torch.log_softmax(torch.as_tensor(other_logits).float(), dim=-1)
+    p = torch.log_softmax(torch.as_tensor(clean_logits).float().cpu(), dim=-1)
+    q = torch.log_softmax(torch.as_tensor(other_logits).float().cpu(), dim=-1)
     return (p.exp() * (p - q)).sum(-1).clamp(min=0).numpy()

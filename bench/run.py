@@ -342,7 +342,7 @@ def bench_narrow_linear() -> dict:
     from core.narrow_linear import ROWS, NarrowLinear, exact_linear
 
     out: dict = {"threads": torch.get_num_threads(), "rows": [ROWS.start, ROWS.stop - 1], "shapes": {},
-                 "goal": "narrow ≥ 1.5× faster inside its rows, no slower outside"}
+                 "goal": "narrow ≥ 1.5× faster at 16 rows; decode steps faster, same next tokens"}
     with torch.inference_mode():
         for o, i in ((1536, 576), (576, 1536), (576, 576), (192, 576)):
             layer = NarrowLinear(i, o, bias=False)

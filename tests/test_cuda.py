@@ -27,11 +27,10 @@ def test_analyse_on_the_gpu_equals_the_cpu(arch, tiny_dirs, tiny_models):
 
     gpu = load_model(str(tiny_dirs[arch]), dtype="float32", device="cuda")
     assert gpu.device.type == "cuda"
-    for layer in (m for m in gpu.model.modules() if isinstance(m, NarrowLinear)):
-        x = torch.randn(20, layer.in_features, device="cuda")  # inside the narrow rows: F.linear on a GPU
-        with torch.inference_mode():
-            assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
-        break
+    layer = next(m for m in gpu.model.modules() if isinstance(m, NarrowLinear))
+    x = torch.randn(20, layer.in_features, device="cuda")  # inside the narrow rows: F.linear on a GPU
+    with torch.inference_mode():
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
     settings = small(patching=PatchingConfig(n_pairs=1, sites=("resid",), pair_filter="none"), name=arch)
     on_gpu, on_cpu = analyse(gpu, prompts(), settings).to_dict(), analyse(tiny_models[arch], prompts(), settings).to_dict()
     json.dumps(on_gpu)  # the results serialise: nothing left on the device

@@ -22,6 +22,7 @@ from core.architecture import LoadedModel
 from core.formatting import Formatter
 from core.hooks import EditFn, TraceDict
 from core.kv_room import make_room
+from core.prefill_reuse import Prefill, PrefillMemo, capturing, complete_cache, replayable_blocks, replaying
 from core.progress import Progress
 
 StopCheck = Callable[[], bool]
@@ -108,6 +109,7 @@ def generate_stream(
     stop: StopCheck | None = None,
     row_edits: PerRowEdits | None = None,
     groups: Sequence[int] | None = None,
+    prefills: PrefillMemo | None = None,
 ) -> Iterator[GenerationStep]:
     """Yield a :class:`GenerationStep` after every decode step (greedy if ``temperature`` is 0).
 
@@ -115,7 +117,9 @@ def generate_stream(
     modules whose hidden state at the newest token is returned in each step (used to colour
     tokens by their projection on a direction). ``stop()`` returning True ends the stream.
     ``row_edits`` with ``groups`` (one group index per prompt) edit each row by its own group
-    instead (see :class:`PerRowEdits`); then ``edits`` must be empty.
+    instead (see :class:`PerRowEdits`); then ``edits`` must be empty. ``prefills``: one prompt's
+    unedited prefill is kept there, and an edited prefill of the same tokens reuses the blocks
+    before its first edit (:mod:`core.prefill_reuse`; the same result, less arithmetic).
     """
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
@@ -152,7 +156,7 @@ def generate_stream(
             if past is None and row_edits is not None and groups is not None:
                 out = _forward_rows(lm, batch_in, row_edits, groups, use_cache=True)  # prefill, per-row edits
             elif past is None:  # prefill: shared prefix once, then the suffixes (edits apply to both)
-                out = forward.run(lm, batch_in, use_cache=True)
+                out = _prefill(lm, batch_in, bool(edits), names, prefills)
             else:
                 out = lm.model(
                     input_ids=input_ids,
@@ -187,6 +191,27 @@ def generate_stream(
         input_ids = nxt.unsqueeze(-1)
         mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=-1)
         positions = positions + 1
+
+
+def _prefill(lm: LoadedModel, batch: forward.Batch, edited: bool, names: Sequence[str],
+             prefills: PrefillMemo | None) -> Any:
+    """The prefill pass (inside the caller's trace), keeping an unedited one-row prefill in
+    ``prefills`` and replaying a kept one's lower blocks under edits (:mod:`core.prefill_reuse`)."""
+    if prefills is None or batch.size != 1 or batch.prefix_len:
+        return forward.run(lm, batch, use_cache=True)
+    ids = batch.suffix.input_ids
+    if not edited:
+        with capturing(lm) as outputs:
+            out = forward.run(lm, batch, use_cache=True)
+        prefills.put(Prefill.after(ids, outputs, out.past_key_values))
+        return out
+    kept, n = prefills.get(ids), replayable_blocks(lm, names)
+    if kept is None or n == 0:
+        return forward.run(lm, batch, use_cache=True)
+    with replaying(lm, kept, n):
+        out = forward.run(lm, batch, use_cache=True)
+    complete_cache(out.past_key_values, kept, n)
+    return out
 
 
 def _by_row(values: torch.Tensor, active: Sequence[int], batch: int) -> torch.Tensor:

@@ -11,7 +11,8 @@ plain Python here, tested on tiny models.
   constant that was added.
 * :class:`Stream` — one answer as it arrives, with the judge's label (:func:`live_label`).
 * :func:`paired_streams` — the baseline and the steered answer, interleaved step by step, the
-  steered step first so its first token shows without waiting for the baseline's.
+  steered step first so its first token shows without waiting for the baseline's; with a
+  :class:`~core.prefill_reuse.PrefillMemo`, a slider release reruns only the blocks from the edit on.
 * :func:`default_coefficient` / :func:`quick_choice` — the coefficient the page starts from:
   the one the Validation page chose on validation prompts, else a quick choice on validation
   prompts by the same rule (degenerate answers count against a coefficient).
@@ -25,11 +26,13 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from core import forward
 from core.directions import LayerDirections
 from core.formatting import Formatter
 from core.generation import generate_stream
 from core.judge import judge, opening_complete
 from core.models import LoadedModel
+from core.prefill_reuse import PrefillMemo
 from core.progress import Progress
 from core.selection import CoefficientChoice, choose_coefficient
 from core.steering import KINDS, Intervention, ablate, add, steered_stream, subtract
@@ -122,11 +125,16 @@ class PairStep:
 def paired_streams(
     lm: LoadedModel, formatter: Formatter, prompt: str, intervention: Intervention, *, layer: int, scale: float,
     baseline: Stream | None = None, max_new_tokens: int = 48, temperature: float = 0.0, seed: int = 0,
+    prefills: PrefillMemo | None = None,
 ) -> Iterator[PairStep]:
     """Stream the steered answer and, unless ``baseline`` is already done, the baseline, one
     decode step of each in turn (the steered one first). Each steered token carries its
     :func:`written_projection` on the direction at ``layer``'s block output, in units of
     ``scale`` (the layer's mean activation norm).
+
+    ``prefills`` (one per model, kept across calls): the baseline's prefill is kept there, and a
+    later call for the same prompt (a slider release) computes only the blocks from the edit on
+    (:mod:`core.prefill_reuse`; the same tokens as a full prefill).
 
     Generation holds the model's lock only inside each step (``core.generation``), so stopping
     the iteration at any point leaves no hook attached."""
@@ -136,10 +144,11 @@ def paired_streams(
     block = lm.block_names[int(layer)]
     unit = intervention.unit
     offset = 0.0 if intervention.kind == "ablate" else intervention.magnitude
-    base_iter = None if baseline.done else generate_stream(lm, formatter, [prompt], **gen)
+    base_iter = None if baseline.done else generate_stream(lm, formatter, [prompt], prefills=prefills, **gen)
+    ran_baseline = base_iter is not None
     started = time.perf_counter()
     first: float | None = None
-    for step in steered_stream(lm, formatter, [prompt], [intervention], retain=[block], **gen):
+    for step in steered_stream(lm, formatter, [prompt], [intervention], retain=[block], prefills=prefills, **gen):
         if step.token_ids[0] and len(step.token_ids[0]) > len(steered.pieces):
             append_piece(steered.pieces, step.texts[0])
             steered.values.append(written_projection(step.retained[block][0].numpy(), unit, offset, scale))
@@ -155,6 +164,17 @@ def paired_streams(
     while base_iter is not None:  # the steered answer ended first
         base_iter = _advance(base_iter, baseline)
         yield PairStep("baseline", steered, baseline, first)
+    if prefills is not None and not ran_baseline:
+        keep_prefill(lm, formatter, prompt, prefills)
+
+
+def keep_prefill(lm: LoadedModel, formatter: Formatter, prompt: str, prefills: PrefillMemo) -> None:
+    """Put the unedited prefill of ``prompt`` into ``prefills`` unless it is there: when the
+    baseline's answer came from a cache, the next slider release can still reuse it."""
+    ids = forward.prepare(formatter, [prompt], padding_side="left", share_prefix=False).suffix.input_ids
+    if prefills.get(ids) is None:
+        for _ in generate_stream(lm, formatter, [prompt], max_new_tokens=1, prefills=prefills):
+            pass
 
 
 def _advance(it: Iterator, stream: Stream) -> Iterator | None:

@@ -16,6 +16,7 @@ import streamlit as st
 
 from core import live
 from core.cache import stable_hash
+from core.prefill_reuse import PrefillMemo
 from core.steering import KINDS
 from ui import page, state
 from ui.charts import colour_legend, token_html
@@ -81,6 +82,16 @@ if not st.session_state.get("steer_coef_user") and st.session_state.get("steer_c
 st.session_state.setdefault("steer_coef", default_coef)
 st.session_state.setdefault("steer_coef_box", float(st.session_state["steer_coef"]))
 st.session_state.setdefault("steer_coef_slider", min(max(float(st.session_state["steer_coef"]), COEF_MIN), COEF_MAX))
+
+
+def _prefills(lm) -> PrefillMemo:
+    """This session's kept baseline prefills (slider releases reuse their lower blocks), for the
+    current model only: another model's are dropped."""
+    key = (lm.fingerprint, str(lm.dtype), str(lm.device))
+    held = st.session_state.get("steer_prefills")
+    if held is None or held[0] != key:
+        held = st.session_state["steer_prefills"] = (key, PrefillMemo())
+    return held[1]
 
 
 def _sync(src: str) -> None:
@@ -213,7 +224,7 @@ def panel() -> None:
         base_slot.markdown(_box(run["baseline"], "baseline"), unsafe_allow_html=True)
         steer_slot.markdown(_box(run["steered"], "steered"), unsafe_allow_html=True)
         steps = live.paired_streams(lm, fmt, prompt, intervention, layer=int(layer), scale=scale,
-                                    baseline=cached, **gen)
+                                    baseline=cached, prefills=_prefills(lm), **gen)
         item = None
         for item in steps:
             run["steered"], run["baseline"] = item.steered, item.baseline

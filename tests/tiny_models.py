@@ -6,6 +6,7 @@ Tests load them through ``core.models.load_model`` exactly as users load real mo
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -84,9 +85,10 @@ def build(arch: str, folder: Path, seed: int = 0) -> Path:
     return _save(model, tok, folder)
 
 
-def build_more(arch: str, folder: Path, seed: int = 0, n_layers: int = 3) -> Path:
+def build_more(arch: str, folder: Path, seed: int = 0, n_layers: int = 3, **config: Any) -> Path:
     """Build and save a tiny ``arch`` model for the architectures ``build`` does not cover
-    (mistral, qwen2, gemma3_text; llama too, for a deeper stack), same tokenizer and weight scaling."""
+    (mistral, qwen2, gemma3_text; llama too, for a deeper stack), same tokenizer and weight
+    scaling; ``config`` overrides or adds config fields (e.g. Gemma's ``sliding_window``)."""
     import transformers
 
     torch.manual_seed(seed)
@@ -94,6 +96,11 @@ def build_more(arch: str, folder: Path, seed: int = 0, n_layers: int = 3) -> Pat
     common = dict(vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                   bos_token_id=tok.bos_token_id, hidden_size=64, num_hidden_layers=n_layers, num_attention_heads=4,
                   num_key_value_heads=2, intermediate_size=128, max_position_embeddings=2048)
+    gemma = {"head_dim": 16, "sliding_window": 64}
+    if arch == "gemma3_text":
+        gemma.update(config)
+    else:
+        common.update(config)
     if arch == "mistral":
         model = transformers.MistralForCausalLM(transformers.MistralConfig(**common))
     elif arch == "qwen2":
@@ -101,7 +108,7 @@ def build_more(arch: str, folder: Path, seed: int = 0, n_layers: int = 3) -> Pat
     elif arch == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
     elif arch == "gemma3_text":
-        model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(head_dim=16, sliding_window=64, **common))
+        model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**gemma, **common))
     else:
         raise ValueError(arch)
     return _save(model, tok, folder)

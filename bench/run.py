@@ -157,46 +157,61 @@ def bench_steering() -> dict:
     return out
 
 
+# Slider releases are timed at these layers: 4 and 8 are the layers the validation grid chose for
+# the embedded model with and without the preamble (the batch run's results.json), so the page
+# opens there; 15 and 22 are in the upper half. Blocks up to the edit are replayed, so the wait
+# depends on the layer.
+RELEASE_LAYERS = (4, 8, 15, 22)
+PAGE_LAYER = {"prompted-refusal": 4, "none": 8}
+
+
 def bench_steer_latency(n_prompts: int = 6, max_new_tokens: int = 48) -> dict:
-    """Slider release → first steered token at batch 1, as the steering page runs it: the
-    baseline stream is created alongside (lazily, as the page does: it computes after the first
-    steered token), then the steered stream (an add-intervention at one layer, its block output
-    retained for the token colours) is advanced to its first token. Warm model, dtype ``auto`` as
-    the app loads it, both presets (the page defaults to prompted-refusal), at torch's thread
-    count and at one thread (on a busy 2-core machine two threads are several times slower at
-    batch 1). Also split into tokenisation, an unhooked first step, and the prompt's shared
-    prefix, so a miss says where the time goes. The Streamlit rerun around it (widgets, cached
-    model and directions) is not included."""
+    """Slider release → first steered token at batch 1, as the Steering page runs it
+    (``core.live.paired_streams``, an add-intervention whose block output is retained for the
+    token colours). Two cases:
+
+    * *release*: the page has run this prompt, so its baseline answer is cached and its unedited
+      prefill kept (``core.prefill_reuse``); the slider moves to a new coefficient. Timed at
+      :data:`RELEASE_LAYERS`; the headline is the page's default preset at its default layer.
+    * *first run*: a prompt the page has not run: nothing kept, the whole prefill runs under the
+      edit, the baseline stream starts after the first steered token (at layer 15).
+
+    Warm model, dtype ``auto`` as the app loads it, both presets, at torch's thread count and at
+    one thread (on a busy 2-core machine two threads are several times slower at batch 1). Also
+    tokenisation and an unhooked first step, so a miss says where the time goes. The Streamlit
+    rerun around it (widgets, cached model and directions) is not included."""
     import numpy as np
     import torch
 
     from core import forward
     from core.formatting import PRESETS, Formatter
     from core.generation import generate_stream
+    from core.live import Stream, paired_streams
     from core.models import load_model
+    from core.prefill_reuse import PrefillMemo
     from core.prompts import builtin_split
-    from core.steering import Intervention, steered_stream
+    from core.steering import Intervention
 
     lm = load_model("embedded", dtype="auto", device="cpu")
     prompts = [p for pair in zip(builtin_split("harmless").test, builtin_split("harmful").test) for p in pair][:n_prompts]
     unit = np.random.default_rng(0).standard_normal(lm.d_model).astype(np.float32)
-    iv = Intervention("add", unit / np.linalg.norm(unit), STEER_LAYER, coefficient=0.5, scale=1.0)
-    block = lm.block_names[STEER_LAYER]
+    unit /= np.linalg.norm(unit)
     default_threads = torch.get_num_threads()
     out: dict = {"dtype": str(lm.dtype).replace("torch.", ""), "threads": default_threads, "n_prompts": len(prompts),
-                 "load_before": os.getloadavg()[0], "goal": "≤ 0.3 s (median, batch 1)"}
+                 "page_layer": dict(PAGE_LAYER), "n_layers": lm.n_layers, "load_before": os.getloadavg()[0], "goal": "≤ 0.3 s (median, batch 1)"}
 
     def timed(fn: Callable[[], object]) -> tuple[float, float]:
         t, c = time.perf_counter(), time.process_time()
         fn()
         return time.perf_counter() - t, time.process_time() - c
 
-    def page(fmt: Formatter, prompt: str) -> None:
-        base = generate_stream(lm, fmt, [prompt], max_new_tokens=max_new_tokens)  # not advanced yet
-        steered = steered_stream(lm, fmt, [prompt], [iv], retain=[block], max_new_tokens=max_new_tokens)
-        next(steered)
-        steered.close()
-        base.close()
+    def first_step(fmt: Formatter, prompt: str, layer: int, coefficient: float, baseline: Stream | None,
+                   memo: PrefillMemo) -> None:
+        iv = Intervention("add", unit, layer, coefficient=coefficient, scale=1.0)
+        steps = paired_streams(lm, fmt, prompt, iv, layer=layer, scale=1.0, baseline=baseline,
+                               max_new_tokens=max_new_tokens, prefills=memo)
+        next(steps)  # the steered stream's first token
+        steps.close()
 
     def plain(fmt: Formatter, prompt: str) -> None:
         stream = generate_stream(lm, fmt, [prompt], max_new_tokens=max_new_tokens)
@@ -208,20 +223,32 @@ def bench_steer_latency(n_prompts: int = 6, max_new_tokens: int = 48) -> dict:
             torch.set_num_threads(threads)
             for preset in ("prompted-refusal", "none"):
                 fmt = Formatter(lm.tokenizer, PRESETS[preset])
-                page(fmt, prompts[0])  # warm-up
-                steered = [timed(lambda: page(fmt, p)) for p in prompts]
+                first_step(fmt, prompts[0], STEER_LAYER, 0.5, None, PrefillMemo())  # warm-up
+                first = [timed(lambda: first_step(fmt, p, STEER_LAYER, 0.5, None, PrefillMemo())) for p in prompts]
+                # the page after one run of each prompt: baseline answered, its prefill kept
+                memo = PrefillMemo(size=len(prompts))
+                done = Stream(done=True)
+                for p in prompts:
+                    for _ in generate_stream(lm, fmt, [p], max_new_tokens=1, prefills=memo):
+                        pass
+                release = {layer: [timed(lambda: first_step(fmt, p, layer, 0.75, done, memo)) for p in prompts]
+                           for layer in RELEASE_LAYERS}
                 unhooked = [timed(lambda: plain(fmt, p)) for p in prompts]
                 tokenise = [timed(lambda: forward.prepare(fmt, [p], padding_side="left", context=lm.max_positions,
                                                           reserve=max_new_tokens))[0] for p in prompts]
-                batch = forward.prepare(fmt, prompts[:1], padding_side="left")
+                batch = forward.prepare(fmt, prompts[:1], padding_side="left", share_prefix=False)
+                head = release[PAGE_LAYER[preset]]
                 out[f"{preset}@{threads}"] = {
-                    "first_steered_token_s": statistics.median(w for w, _ in steered),
-                    "first_steered_token_cpu_s": statistics.median(c for _, c in steered),
-                    "max_s": max(w for w, _ in steered),
+                    "first_steered_token_s": statistics.median(w for w, _ in head),
+                    "first_steered_token_cpu_s": statistics.median(c for _, c in head),
+                    "max_s": max(w for w, _ in head),
+                    "release_s": {str(layer): statistics.median(w for w, _ in ts) for layer, ts in release.items()},
+                    "first_run_s": statistics.median(w for w, _ in first),
+                    "first_run_cpu_s": statistics.median(c for _, c in first),
                     "unhooked_first_token_s": statistics.median(w for w, _ in unhooked),
                     "tokenise_s": statistics.median(tokenise),
-                    "prompt_tokens": int(batch.prefix_len + batch.suffix.lengths[0]),
-                    "shared_prefix_tokens": batch.prefix_len,
+                    "prompt_tokens": int(batch.suffix.lengths[0]),
+                    "layer": PAGE_LAYER[preset],
                 }
     finally:
         torch.set_num_threads(default_threads)
@@ -329,37 +356,50 @@ def bench_matmul_dtype() -> dict:
     return out
 
 
-def bench_narrow_linear() -> dict:
-    """Linear layers on the row counts of a decode step or a short prefill (all threads): the
-    library's ``F.linear``, the narrow product the loader installs (``core.narrow_linear``), and,
-    for reference, the weight stored transposed (measured, not adopted: docs/decisions.md). Then
-    whole decode steps of the embedded model (40-token context) with the narrow product and under
-    ``exact_linear()``, interleaved, same next tokens checked. Why: MKL's ``x @ Wᵀ`` is several
-    times slower on about 12–56 rows, the rows batched generation feeds every layer."""
+def bench_packed_linear() -> dict:
+    """Linear layers on the row counts of decode steps and prefills (all threads): the module
+    call on ``F.linear`` (``exact_linear()``) against the packed copy the loader installs
+    (``core.packed_linear``), on the embedded model's shapes. Then whole passes of the embedded
+    model both ways, interleaved, same next tokens checked: decode steps (40-token context) at
+    batch 16–64, and a one-row prefill of the page's preamble prompt (187 tokens). Why: MKL
+    repacks the weight at every ``x @ Wᵀ``, which costs more than the arithmetic on a few rows."""
     import torch
-    import torch.nn.functional as F
 
-    from core.narrow_linear import ROWS, NarrowLinear, exact_linear
+    from core.formatting import PRESETS, Formatter
+    from core.packed_linear import ROWS, PackedLinear, available, exact_linear
+    from core.prompts import builtin_split
 
-    out: dict = {"threads": torch.get_num_threads(), "rows": [ROWS.start, ROWS.stop - 1], "shapes": {},
-                 "goal": "narrow ≥ 1.5× faster at 16 rows; decode steps faster, same next tokens"}
+    out: dict = {"threads": torch.get_num_threads(), "available": available(), "rows": [ROWS.start, ROWS.stop - 1], "shapes": {},
+                 "goal": "packed ≥ 1.5× faster at 16 rows; decode steps and prefills faster, same next tokens"}
     with torch.inference_mode():
-        for o, i in ((1536, 576), (576, 1536), (576, 576), (192, 576)):
-            layer = NarrowLinear(i, o, bias=False)
-            w, wt = layer.weight, layer.weight.t().contiguous().t()
+        for o, i in ((1536, 576), (576, 1536), (576, 576), (192, 576), (49152, 576)):
+            layer = PackedLinear(i, o, bias=False).eval()
             rows = {}
-            for m in (1, 8, 16, 32, 48, 56, 64, 190):
+            for m in (1, 4, 16, 32, 48, 64, 96, 128):  # outside ROWS both sides run F.linear: noise
                 x = torch.randn(m, i)
+                reps = 5 if o > 10_000 else 50
                 with exact_linear():  # the same module call, on F.linear
-                    plain = _median_time(lambda: [layer(x) for _ in range(50)], repeats=5) / 50
-                narrow = _median_time(lambda: [layer(x) for _ in range(50)], repeats=5) / 50
-                stored_t = _median_time(lambda: [F.linear(x, wt) for _ in range(50)], repeats=5) / 50
-                rows[str(m)] = {"f_linear_ms": plain * 1e3, "narrow_ms": narrow * 1e3, "stored_transposed_ms": stored_t * 1e3,
-                                "speedup": plain / narrow}
+                    plain = _median_time(lambda: [layer(x) for _ in range(reps)], repeats=5) / reps
+                packed = _median_time(lambda: [layer(x) for _ in range(reps)], repeats=5) / reps
+                rows[str(m)] = {"f_linear_ms": plain * 1e3, "packed_ms": packed * 1e3, "speedup": plain / packed}
             out["shapes"][f"{o}x{i}"] = rows
         lm = _embedded()
+
+        def both(run: Callable[[], torch.Tensor]) -> dict:
+            packed_tokens = run().argmax(-1)
+            with exact_linear():
+                exact_tokens = run().argmax(-1)
+            times: dict[str, list[float]] = {"packed": [], "exact": []}
+            for _ in range(5):
+                times["packed"].append(_median_time(run, repeats=1, warmup=0))
+                with exact_linear():
+                    times["exact"].append(_median_time(run, repeats=1, warmup=0))
+            packed, exact = statistics.median(times["packed"]), statistics.median(times["exact"])
+            return {"packed_ms": packed * 1e3, "exact_ms": exact * 1e3, "speedup": exact / packed,
+                    "same_next_tokens": bool(torch.equal(packed_tokens, exact_tokens))}
+
         steps = {}
-        for batch in (16, 32, 48):
+        for batch in (16, 32, 48, 64):
             ids = torch.randint(200, 20_000, (batch, 40), generator=torch.Generator().manual_seed(0))
             prefill = lm.model(input_ids=ids, use_cache=True, logits_to_keep=1)
             nxt = prefill.logits[:, -1].argmax(-1, keepdim=True)
@@ -370,18 +410,12 @@ def bench_narrow_linear() -> dict:
                 cache.crop(-1)  # back to the 40-token prompt: every timed step is the same step
                 return logits
 
-            narrow_tokens = step().argmax(-1)
-            with exact_linear():
-                exact_tokens = step().argmax(-1)
-            times: dict[str, list[float]] = {"narrow": [], "exact": []}
-            for _ in range(5):
-                times["narrow"].append(_median_time(step, repeats=1, warmup=0))
-                with exact_linear():
-                    times["exact"].append(_median_time(step, repeats=1, warmup=0))
-            narrow, exact = statistics.median(times["narrow"]), statistics.median(times["exact"])
-            steps[str(batch)] = {"narrow_ms": narrow * 1e3, "exact_ms": exact * 1e3, "speedup": exact / narrow,
-                                 "same_next_tokens": bool(torch.equal(narrow_tokens, exact_tokens))}
+            steps[str(batch)] = both(step)
         out["decode_step"] = steps
+        fmt = Formatter(lm.tokenizer, PRESETS["prompted-refusal"])
+        ids = fmt.encode(builtin_split("harmful").test[:1]).input_ids
+        out["prefill"] = {"tokens": int(ids.shape[1]),
+                          **both(lambda: lm.model(input_ids=ids, use_cache=True, logits_to_keep=1).logits[:, -1])}
     return out
 
 
@@ -475,7 +509,7 @@ BENCHES: dict[str, Callable[[], dict]] = {
     "bf16": bench_bf16,
     "organism": bench_organism,
     "matmul_dtype": bench_matmul_dtype,
-    "narrow_linear": bench_narrow_linear,
+    "packed_linear": bench_packed_linear,
     "thread_policy": bench_thread_policy,
     "selection": bench_selection,
     "pipeline": bench_pipeline,
@@ -517,16 +551,18 @@ def table(results: dict) -> str:
             f"(×{s['batch_1']['ratio']:.2f}); batch 16: ×{s['batch_16']['ratio']:.2f}", s["goal"])
     if "steer_latency" in r and "first_steered_token_s" in r["steer_latency"]:
         sl = r["steer_latency"]
-        cells = [f"{k} {_fmt(v['first_steered_token_s'], ' s')}" for k, v in sl.items() if isinstance(v, dict)]
-        row("steer_latency", f"first steered token (preset@threads): {', '.join(cells)}; {sl['dtype']}, "
+        cells = [f"{k} release {', '.join(f'L{layer} {t:.2f}' for layer, t in v['release_s'].items())} s, "
+                 f"first run {_fmt(v['first_run_s'], ' s')}" for k, v in sl.items() if isinstance(v, dict) and "release_s" in v]
+        row("steer_latency", f"first steered token (preset@threads): {'; '.join(cells)}; {sl['dtype']}, "
             f"load {sl['load_before']:.1f}", sl["goal"])
-    if "narrow_linear" in r and "decode_step" in r["narrow_linear"]:
-        nl = r["narrow_linear"]
-        # outside the narrow rows both sides run F.linear: their ratio there is only noise
-        kernels = [f"{shape} at 16 rows ×{rows['16']['speedup']:.1f}, at 48 ×{rows['48']['speedup']:.1f}"
-                   for shape, rows in nl["shapes"].items() if shape in ("1536x576", "576x1536")]
-        decode = [f"batch {b} ×{d['speedup']:.2f}" for b, d in nl["decode_step"].items()]
-        row("narrow_linear", "narrow product: " + "; ".join(kernels) + "; decode step " + ", ".join(decode), nl["goal"])
+    if "packed_linear" in r and "decode_step" in r["packed_linear"]:
+        pl = r["packed_linear"]
+        kernels = [f"{shape} at 16 rows ×{rows['16']['speedup']:.1f}, at 64 ×{rows['64']['speedup']:.1f}, "
+                   f"at 96 ×{rows['96']['speedup']:.2f}" for shape, rows in pl["shapes"].items()
+                   if shape in ("1536x576", "576x1536")]
+        decode = [f"batch {b} ×{d['speedup']:.2f}" for b, d in pl["decode_step"].items()]
+        row("packed_linear", "packed copy: " + "; ".join(kernels) + "; decode step " + ", ".join(decode)
+            + f"; {pl['prefill']['tokens']}-token prefill ×{pl['prefill']['speedup']:.2f}", pl["goal"])
     if "thread_policy" in r and "adaptive" in r["thread_policy"]:
         tp = r["thread_policy"]
         row("thread_policy", f"adaptive {tp['adaptive']['wall_s']:.0f} s vs fixed {tp['fixed']['wall_s']:.0f} s "

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from core import narrow_linear
+from core import packed_linear
 from core.errors import LayerRangeError, ModelLoadError
 from core.fingerprints import fingerprint_state
 from core.hooks import get_module, model_lock
@@ -180,9 +180,9 @@ def describe(
     model: nn.Module, tokenizer: Any, source: str, name: str, fingerprint: str, dtype: torch.dtype, notes: list[str]
 ) -> LoadedModel:
     """Wrap a loaded model and its tokenizer with the structure hooks need. Its plain linear
-    layers become :class:`~core.narrow_linear.NarrowLinear` (the same products, faster on a few
-    dozen rows; see that module)."""
-    narrow_linear.install(model)
+    layers become :class:`~core.packed_linear.PackedLinear` (the same products from a packed copy
+    of each weight, faster on a few dozen rows; see that module)."""
+    packed_linear.install(model)
     block_names = find_blocks(model)
     attn, mlp, attn_out = find_components(model, block_names)
     config = model.config

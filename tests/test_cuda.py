@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from core.analysis import analyse
 from core.config import PatchingConfig
 from core.models import load_model
-from core.narrow_linear import NarrowLinear
+from core.packed_linear import PackedLinear
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -27,8 +27,8 @@ def test_analyse_on_the_gpu_equals_the_cpu(arch, tiny_dirs, tiny_models):
 
     gpu = load_model(str(tiny_dirs[arch]), dtype="float32", device="cuda")
     assert gpu.device.type == "cuda"
-    layer = next(m for m in gpu.model.modules() if isinstance(m, NarrowLinear))
-    x = torch.randn(20, layer.in_features, device="cuda")  # inside the narrow rows: F.linear on a GPU
+    layer = next(m for m in gpu.model.modules() if isinstance(m, PackedLinear))
+    x = torch.randn(20, layer.in_features, device="cuda")  # inside the packed rows: F.linear on a GPU
     with torch.inference_mode():
         assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
     settings = small(patching=PatchingConfig(n_pairs=1, sites=("resid",), pair_filter="none"), name=arch)

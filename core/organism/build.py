@@ -25,7 +25,7 @@ from core.errors import ExplorerError
 from core.fingerprints import fingerprint_folder
 from core.formatting import Formatter
 from core.loader import load_folder
-from core.narrow_linear import exact_linear
+from core.packed_linear import exact_linear
 from core.organism.answers import Example, build_examples
 from core.organism.data import TrainingPrompts, extra_prompts, prompt_categories, train_split_near_copies, training_prompts
 from core.organism.evaluation import evaluate_organism
@@ -115,7 +115,7 @@ def trained_weights(
     """The organism's weights from ``base`` and the recipe: :func:`training_data`, then a float32
     copy of the base trained on it. Returns the examples, their tokenised form, the trained
     model, the losses and the frozen split. Runs on the library's own linear kernels
-    (:func:`~core.narrow_linear.exact_linear`): the cached organism is keyed by its recipe, so
+    (:func:`~core.packed_linear.exact_linear`): the cached organism is keyed by its recipe, so
     its weights must come out exactly as the recipe has always made them."""
     timings = timings if timings is not None else {}
     with exact_linear():

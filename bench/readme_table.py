@@ -148,21 +148,26 @@ def peers_row(r: dict) -> Row:
 def steer_row(r: dict) -> Row:
     goal = f"≤ {STEER_FIRST_TOKEN_S} s (batch 1, embedded model)"
     s = r.get("steer_latency") or {}
-    if "first_steered_token_s" not in s:
+    if "n_layers" not in s or "release_s" not in s.get(f"prompted-refusal@{s.get('threads')}", {}):
         return Row("4. slider release → first steered token", NOT_MEASURED, goal, None)
     first = s["first_steered_token_s"]
-    head = s.get(f"prompted-refusal@{s['threads']}", {})
-    cells = [f"{k.split('@')[0]} on {k.split('@')[1]} thread(s) {v['first_steered_token_s']:.2f} s "
-             f"({v.get('first_steered_token_cpu_s', float('nan')):.2f} CPU-s, {v['prompt_tokens']} tokens)"
-             for k, v in s.items() if isinstance(v, dict)]
-    figure = (f"{first:.2f} s median over {s['n_prompts']} prompts with the page's default preamble; the same first "
-              f"step without hooks {head.get('unhooked_first_token_s', 0):.2f} s, tokenisation "
-              f"{head.get('tokenise_s', 0):.3f} s; " + "; ".join(cells) + f"; {s['dtype']}")
+    head = s[f"prompted-refusal@{s['threads']}"]
+
+    def layers(v: dict) -> str:
+        return ", ".join(f"{t:.2f} s at layer {layer}" for layer, t in v["release_s"].items())
+
+    cells = [f"{k.split('@')[0]} on {k.split('@')[1]} thread(s): {layers(v)}; a prompt's first run {v['first_run_s']:.2f} s"
+             for k, v in s.items() if isinstance(v, dict) and "release_s" in v]
+    figure = (f"{first:.2f} s median over {s['n_prompts']} prompts with the page's default preamble "
+              f"({head['prompt_tokens']} tokens) at its default layer {head['layer']} "
+              f"({head.get('first_steered_token_cpu_s', float('nan')):.2f} CPU-s); the blocks up to the edit are "
+              f"replayed from the baseline's prefill, so the wait depends on the layer — " + "; ".join(cells)
+              + f"; {s['dtype']}")
     cores = (r.get("machine") or {}).get("cpus") or 0
     load = s.get("load_before", 0)
     why = "" if first <= STEER_FIRST_TOKEN_S else (
-        f"{first:.2f} s: the prefill of the {head.get('prompt_tokens', '?')}-token prompt ({head.get('shared_prefix_tokens', '?')} "
-        "of them the preamble), recomputed at every slider move because the edit applies to the preamble too"
+        f"{first:.2f} s: after an edit at layer {head['layer']} the {s['n_layers'] - 1 - head['layer']} blocks above it rerun "
+        f"over all {head['prompt_tokens']} tokens, since the edit applies to the preamble too; float32 arithmetic"
         + (f"; measured at load {load:.1f} on {cores} cores" if cores and load > cores else ""))
     return Row("4. slider release → first steered token", figure, goal, first <= STEER_FIRST_TOKEN_S, why)
 

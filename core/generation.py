@@ -206,6 +206,7 @@ def _prefill(lm: LoadedModel, batch: forward.Batch, edited: bool, names: Sequenc
         prefills.put(Prefill.after(ids, outputs, out.past_key_values))
         return out
     kept, n = prefills.get(ids), replayable_blocks(lm, names)
+    prefills.replayed = n if kept is not None else 0
     if kept is None or n == 0:
         return forward.run(lm, batch, use_cache=True)
     with replaying(lm, kept, n):

@@ -58,6 +58,7 @@ class PrefillMemo:
             raise ValueError(f"size must be at least 1, got {size!r}")
         self.size = size
         self._items: OrderedDict[tuple[int, ...], Prefill] = OrderedDict()
+        self.replayed = 0  # blocks the last edited prefill replayed (0: it ran in full), for the page's note
 
     @staticmethod
     def _key(ids: torch.Tensor) -> tuple[int, ...]:

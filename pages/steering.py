@@ -223,8 +223,10 @@ def panel() -> None:
         st.session_state["steer_last"] = run
         base_slot.markdown(_box(run["baseline"], "baseline"), unsafe_allow_html=True)
         steer_slot.markdown(_box(run["steered"], "steered"), unsafe_allow_html=True)
+        prefills = _prefills(lm)
+        prefills.replayed = 0
         steps = live.paired_streams(lm, fmt, prompt, intervention, layer=int(layer), scale=scale,
-                                    baseline=cached, prefills=_prefills(lm), **gen)
+                                    baseline=cached, prefills=prefills, **gen)
         item = None
         for item in steps:
             run["steered"], run["baseline"] = item.steered, item.baseline
@@ -237,7 +239,8 @@ def panel() -> None:
         baselines[base_key] = run["baseline"]
         first = item.first_token_s if item is not None else None
         run["note"] = (f"First steered token after {1000 * (first or 0):.0f} ms · {len(run['steered'].pieces)} tokens"
-                       + (" (baseline from this session's cache)" if cached else " (baseline generated alongside)"))
+                       + (" (baseline from this session's cache)" if cached else " (baseline generated alongside)")
+                       + (f" · blocks 0–{prefills.replayed - 1} reused from the baseline's prefill" if prefills.replayed else ""))
         if mode == "ablate":
             run["note"] += " · Ablation removes the direction from this layer's output, so projections are ≈ 0 here."
         info_slot.caption(run["note"])

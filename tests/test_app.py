@@ -153,6 +153,8 @@ def test_steering_streams_baseline_and_steered_text(app_with_directions):
     assert len(at.session_state["steer_runs"]) == n_runs + 1
     assert at.session_state["steer_runs"][-1]["coefficient"] == 2.0
     assert "baseline from this session's cache" in " ".join(c.value for c in at.caption)
+    # ... and only the blocks above the edit ran: the rest came from the baseline's kept prefill
+    assert "reused from the baseline's prefill" in " ".join(c.value for c in at.caption)
     # ablation mode, then reset
     at.button_group(key="steer_mode").set_value("ablate").run()  # the mode's segmented control
     _no_exceptions(at)

@@ -64,6 +64,7 @@ def test_replayed_prefill_gives_the_full_prefills_stream(models, arch):
     finally:
         first_child._forward_hooks.clear()
     assert calls[0] == len(reused) - 1  # block 0 ran for the decode steps only, not in the prefill
+    assert memo.replayed == layer + 1  # blocks 0 … layer, the edited one included
     assert [s.token_ids for s in reused] == [s.token_ids for s in full]
     for a, b in zip(reused, full):
         assert torch.equal(a.retained[block], b.retained[block])  # bit for bit, the edited block included
@@ -101,7 +102,7 @@ def test_other_prompts_and_batches_do_not_reuse(models):
     calls = _calls(next(iter(lm.blocks[0].children())))
     try:
         list(steered_stream(lm, fmt, ["Tell me a joke."], [iv], max_new_tokens=1, prefills=memo))
-        assert calls[0] == 1  # another prompt: a full prefill
+        assert calls[0] == 1 and memo.replayed == 0  # another prompt: a full prefill
         list(steered_stream(lm, fmt, [PROMPT, PROMPT], [iv], max_new_tokens=1, prefills=memo))
         assert calls[0] > 1  # two rows: not kept, not replayed
     finally:

@@ -81,9 +81,6 @@ class PrefillMemo:
     def __len__(self) -> int:
         return len(self._items)
 
-    def clear(self) -> None:
-        self._items.clear()
-
 
 def replayable_blocks(lm: LoadedModel, names: Sequence[str]) -> int:
     """How many leading blocks compute the same with hooks on ``names`` as without: blocks up to

@@ -4,6 +4,9 @@ not run, and nothing is left patched on the model."""
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import numpy as np
 import pytest
 import torch
@@ -40,10 +43,15 @@ def _steps(lm, fmt, iv, prefills=None, retain=(), n=8):
     return list(steered_stream(lm, fmt, [PROMPT], [iv], retain=list(retain), max_new_tokens=n, prefills=prefills))
 
 
-def _calls(module: torch.nn.Module) -> list[int]:
+@contextlib.contextmanager
+def _calls(module: torch.nn.Module) -> Iterator[list[int]]:
+    """How many times ``module`` runs inside the block."""
     count = [0]
-    module.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
-    return count
+    handle = module.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+    try:
+        yield count
+    finally:
+        handle.remove()
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "neox", "llama", "gptj", "gemma3"])
@@ -57,12 +65,8 @@ def test_replayed_prefill_gives_the_full_prefills_stream(models, arch):
     iv = _add(lm, layer, 3.0)
     block = lm.block_names[layer]
     full = _steps(lm, fmt, iv, retain=[block])
-    first_child = next(iter(lm.blocks[0].children()))
-    calls = _calls(first_child)
-    try:
+    with _calls(next(iter(lm.blocks[0].children()))) as calls:
         reused = _steps(lm, fmt, iv, memo, retain=[block])
-    finally:
-        first_child._forward_hooks.clear()
     assert calls[0] == len(reused) - 1  # block 0 ran for the decode steps only, not in the prefill
     assert memo.replayed == layer + 1  # blocks 0 … layer, the edited one included
     assert [s.token_ids for s in reused] == [s.token_ids for s in full]
@@ -99,15 +103,11 @@ def test_other_prompts_and_batches_do_not_reuse(models):
     memo = PrefillMemo()
     list(generate_stream(lm, fmt, [PROMPT], max_new_tokens=1, prefills=memo))
     iv = _add(lm, 1, 3.0)
-    calls = _calls(next(iter(lm.blocks[0].children())))
-    try:
+    with _calls(next(iter(lm.blocks[0].children()))) as calls:
         list(steered_stream(lm, fmt, ["Tell me a joke."], [iv], max_new_tokens=1, prefills=memo))
         assert calls[0] == 1 and memo.replayed == 0  # another prompt: a full prefill
         list(steered_stream(lm, fmt, [PROMPT, PROMPT], [iv], max_new_tokens=1, prefills=memo))
         assert calls[0] > 1  # two rows: not kept, not replayed
-    finally:
-        lm.blocks[0]._forward_hooks.clear()
-        next(iter(lm.blocks[0].children()))._forward_hooks.clear()
     assert len(memo) == 1  # edited prefills are never kept
 
 

@@ -12,7 +12,7 @@ plain Python here, tested on tiny models.
 * :class:`Stream` — one answer as it arrives, with the judge's label (:func:`live_label`).
 * :func:`paired_streams` — the baseline and the steered answer, interleaved step by step, the
   steered step first so its first token shows without waiting for the baseline's; with a
-  :class:`~core.prefill_reuse.PrefillMemo`, a slider release reruns only the blocks from the edit on.
+  :class:`~core.prefill_reuse.PrefillMemo`, a slider release reruns only the blocks above the edit.
 * :func:`default_coefficient` / :func:`quick_choice` — the coefficient the page starts from:
   the one the Validation page chose on validation prompts, else a quick choice on validation
   prompts by the same rule (degenerate answers count against a coefficient).
@@ -133,7 +133,7 @@ def paired_streams(
     ``scale`` (the layer's mean activation norm).
 
     ``prefills`` (one per model, kept across calls): the baseline's prefill is kept there, and a
-    later call for the same prompt (a slider release) computes only the blocks from the edit on
+    later call for the same prompt (a slider release) computes only the blocks above the edit
     (:mod:`core.prefill_reuse`; the same tokens as a full prefill).
 
     Generation holds the model's lock only inside each step (``core.generation``), so stopping

@@ -146,7 +146,9 @@ def walk(browser, url: str, started: float, tmp_path: Path, timings: dict[str, f
     _wait_new_steered_text(page, before)
     page.get_by_role("button", name="Stop").click()
     page.get_by_text("Stopped.", exact=True).wait_for(timeout=60_000)
-    assert page.locator(".gen-steered[data-done='0']").count() == 1  # stopped before the end
+    wait_running_done(page)  # the stopped run's boxes are gone from the page, not only faded
+    assert page.locator(".gen-steered[data-done='0']").count() == 1, (  # stopped before the end
+        page.locator(".gen-steered").evaluate_all("els => els.map(e => e.dataset.done)"))
     no_exception(page)
     shot(page, "3b-steering-stopped")
 

@@ -33,7 +33,7 @@ ORGANISM_KL_MAX = 0.13
 BATCH_S, BATCH_SMOL_S = 240.0, 120.0
 FLOOR_RATIO = 1.02
 STEER_FIRST_TOKEN_S = 0.3
-TARGET_KEYS = ("organism", "peers", "steer_latency", "pipeline")  # shown in the targets table, not again below
+TARGET_KEYS = ("organism", "peers", "steer_latency", "pipeline", "floors")  # shown in the targets table, not again below
 
 
 @dataclass
@@ -52,6 +52,33 @@ class Row:
     def markdown(self) -> str:
         status = NOT_MEASURED if self.met is None else "met" if self.met else f"missed ({self.why})"
         return f"| {self.target} | {self.figure} | {self.goal} | {status} |"
+
+
+def floor_of(r: dict, job: str, stage: str = "total") -> dict | None:
+    """The arithmetic floor of a timed job (``python -m bench.floors``): its linear layers'
+    TFLOP and their seconds at this CPU's best measured product rate; None if not measured."""
+    f = (r.get("floors") or {}).get(job) or {}
+    found = (f.get("stages") or f).get(stage)
+    return found | {"gflops": f.get("gflops")} if isinstance(found, dict) and "floor_s" in found else None
+
+
+def floor_text(floor: dict | None) -> str:
+    if floor is None:
+        return ""
+    return (f"; its linear layers alone: {floor['tflop']:.3g} TFLOP = {floor['floor_s']:.3g} s at this CPU's best "
+            f"measured product rate ({floor['gflops']:.0f} GFLOPS; `python -m bench.floors`)")
+
+
+def floor_why(floor: dict | None, goal_s: float) -> str:
+    """Why a missed goal is missed, when the arithmetic says so."""
+    if floor is None:
+        return ""
+    if floor["floor_s"] >= goal_s:
+        return f"the goal is below the arithmetic floor ({floor['floor_s']:.3g} s of linear layers at peak rate)"
+    if floor["floor_s"] >= 0.7 * goal_s:
+        return (f"the arithmetic floor alone is {100 * floor['floor_s'] / goal_s:.0f} % of the goal "
+                f"({floor['floor_s']:.3g} s of linear layers at peak rate)")
+    return ""
 
 
 def _pct(rate: dict) -> str:
@@ -76,16 +103,19 @@ def organism_row(r: dict) -> Row:
     load = o.get("load_average_at_start")
     if load:
         figure += f" (load average {load[0]:.1f} when the build started)"
+    floor = floor_of(r, "organism")
+    figure += floor_text(floor)
     why = []
     if t["total_seconds"] > ORGANISM_BUILD_S:
         why.append(f"{t['total_seconds']:.0f} s > {ORGANISM_BUILD_S:.0f} s")
+        why.append(floor_why(floor, ORGANISM_BUILD_S))
     if harmful and harmful["rate"] < ORGANISM_HARMFUL_MIN:
         why.append(f"harmful refusal {100 * harmful['rate']:.0f} % < {100 * ORGANISM_HARMFUL_MIN:.0f} %")
     if harmless and harmless["rate"] > ORGANISM_HARMLESS_MAX:
         why.append(f"harmless refusal {100 * harmless['rate']:.1f} % > {100 * ORGANISM_HARMLESS_MAX:.1f} %")
     if kl is not None and kl > ORGANISM_KL_MAX:
         why.append(f"KL {kl:.3f} > {ORGANISM_KL_MAX}")
-    return Row("1. organism build (fresh cache)", figure, goal, not why, "; ".join(why))
+    return Row("1. organism build (fresh cache)", figure, goal, not why, "; ".join(w for w in why if w))
 
 
 def _model_seconds(entry: dict) -> tuple[str, str, float | None]:
@@ -113,14 +143,17 @@ def batch_rows(r: dict, batch: dict | None) -> list[Row]:
         smol = [s for n, kind, s in models if "smol" in n.lower() and kind in ("instruct", "prompted") and s is not None]
         per_row = "; ".join(f"{n} {s:.0f} s" for n, _, s in models if s is not None)
         figure = f"{total:.0f} s ({source}, {len(models) or '?'} rows{': ' + per_row if per_row else ''})"
+        floor = floor_of(r, "batch")
+        figure += floor_text(floor)
         why = []
         if total > BATCH_S:
             why.append(f"{total:.0f} s > {BATCH_S:.0f} s")
+            why.append(floor_why(floor, BATCH_S))
         if smol and sum(smol) > BATCH_SMOL_S:
             why.append(f"the two SmolLM2 rows (plain, prompted) {sum(smol):.0f} s > {BATCH_SMOL_S:.0f} s")
         if models and len(models) < 4:
             why.append(f"{len(models)} of 4 rows")
-        run_row = Row("2. full default batch run", figure, goal, not why, "; ".join(why))
+        run_row = Row("2. full default batch run", figure, goal, not why, "; ".join(w for w in why if w))
     rss_row = Row("4. peak RSS of the batch run", NOT_MEASURED if rss is None else f"{rss:.0f} MB", "reported", None if rss is None else True)
     return [run_row, rss_row]
 
@@ -163,12 +196,15 @@ def steer_row(r: dict) -> Row:
               f"({head.get('first_steered_token_cpu_s', float('nan')):.2f} CPU-s); the blocks up to the edit are "
               f"replayed from the baseline's prefill, so the wait depends on the layer — " + "; ".join(cells)
               + f"; {s['dtype']}")
+    floor = floor_of(r, "steer", f"prompted-refusal/release at L{head['layer']}")
+    figure += floor_text(floor)
     cores = (r.get("machine") or {}).get("cpus") or 0
     load = s.get("load_before", 0)
     why = "" if first <= STEER_FIRST_TOKEN_S else (
         f"{first:.2f} s: after an edit at layer {head['layer']} the {s['n_layers'] - 1 - head['layer']} blocks above it rerun "
         f"over all {head['prompt_tokens']} tokens, since the edit applies to the preamble too; float32 arithmetic"
-        + (f"; measured at load {load:.1f} on {cores} cores" if cores and load > cores else ""))
+        + (f"; measured at load {load:.1f} on {cores} cores" if cores and load > cores else "")
+        + (f"; {floor_why(floor, STEER_FIRST_TOKEN_S)}" if floor_why(floor, STEER_FIRST_TOKEN_S) else ""))
     return Row("4. slider release → first steered token", figure, goal, first <= STEER_FIRST_TOKEN_S, why)
 
 

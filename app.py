@@ -11,6 +11,7 @@ from pathlib import Path
 
 import streamlit as st
 
+import core  # noqa: F401  (first: it sets how torch's threads wait, which counts only before torch loads)
 from ui import sidebar  # streamlit puts this file's folder on sys.path
 from ui.errors import show_error
 

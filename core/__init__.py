@@ -15,7 +15,17 @@ Everything else stays importable from its module (``core.directions``, ``core.pa
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
+
+# Torch's OpenMP threads (GNU OpenMP) spin briefly after a parallel op and then sleep. On a
+# virtual machine a sleeping thread can take up to a millisecond to wake, so every small
+# parallel op (a norm or an add over a decode step's rows) could cost that much: in such spells
+# a slider release took 0.4-2.9 s instead of 0.4-0.6 s (docs/decisions.md, "Threads: OpenMP
+# workers spin before they sleep"). A longer spin (~10 ms at most, then they sleep) keeps them
+# awake between the ops of a pass. It must be set before torch loads, so it is set here, when
+# ``core`` is imported first (app, batch runner, tests); a value already set is kept.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000000")
 
 __version__ = "0.1.0"
 

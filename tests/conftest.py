@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import core  # noqa: F401  (before any test imports torch: core sets how torch's threads wait)
+
 REPO = Path(__file__).resolve().parent.parent
 
 ARCHS = ("gpt2", "neox", "llama")

@@ -101,3 +101,17 @@ def test_generation_reports_the_row_steps_it_computed(tiny_models):
     with threads.using(policy):
         generate(lm, fmt, prompts, max_new_tokens=6, batch_size=3)
     assert seen == [expected] and expected > len(prompts)
+
+
+@pytest.mark.parametrize("given", [None, "123"])
+def test_importing_core_sets_the_openmp_spin_before_torch_loads(given):
+    """The setting counts only if it is in the environment when torch loads: ``import core``
+    must set it without loading torch, and keep a value the user set."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"} | ({"GOMP_SPINCOUNT": given} if given else {})
+    code = "import os, sys, core; print('torch' in sys.modules, os.environ['GOMP_SPINCOUNT'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", given or "10000000"]

@@ -11,7 +11,7 @@ PORT    ?= 8501
 # says (some environments set PYTHONDONTWRITEBYTECODE; then every process would recompile).
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: setup run test test-fast bench bench-peers batch e2e-deps clean-cache
+.PHONY: setup run test test-fast bench bench-peers bench-floors batch e2e-deps clean-cache
 
 setup: $(STAMP)
 
@@ -62,6 +62,11 @@ $(PEERS_STAMP): $(STAMP) bench/requirements-peers.txt
 
 bench-peers: $(PEERS_STAMP)
 	$(BIN)/python -m bench.peers --out bench/results.json
+
+# The linear-layer arithmetic of each timed job and its seconds at this CPU's best product rate
+# (about 30 min: it runs the default batch once; build the organism first, or its build counts in the batch)
+bench-floors: setup
+	$(BIN)/python -m bench.floors
 
 batch: setup
 	$(BIN)/python -m core.batch --config experiments/config.yaml --out results/

@@ -91,8 +91,8 @@ class LinearFlops:
 def gemm_peak(repeats: int = 15) -> dict:
     """This CPU's best float32 rate for the products these jobs run (GFLOPS), at torch's thread
     count: the best of ``repeats`` timings of each shape in :data:`PEAK_SHAPES`, through
-    ``F.linear`` and through the loader's packed copy. The maximum over shapes is the rate the
-    floor assumes: no product of these jobs ran faster, so the floor is not too high."""
+    ``F.linear`` and through the loader's packed copy (up to 1.5 s of timings per shape). The
+    floor assumes the best rate seen over all shapes, so it errs low, never high."""
     from core.packed_linear import PackedLinear
 
     torch.manual_seed(0)

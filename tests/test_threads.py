@@ -3,6 +3,10 @@ re-checked, so a passing burst of load cannot pin a long job to one thread."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -107,10 +111,6 @@ def test_generation_reports_the_row_steps_it_computed(tiny_models):
 def test_importing_core_sets_the_openmp_spin_before_torch_loads(given):
     """The setting counts only if it is in the environment when torch loads: ``import core``
     must set it without loading torch, and keep a value the user set."""
-    import os
-    import subprocess
-    import sys
-
     env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"} | ({"GOMP_SPINCOUNT": given} if given else {})
     code = "import os, sys, core; print('torch' in sys.modules, os.environ['GOMP_SPINCOUNT'])"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()

@@ -136,14 +136,17 @@ def _report(count: LinearFlops, gflops: float, seconds: dict[str, float] | None 
 
 
 @contextlib.contextmanager
-def _fresh_cache() -> Iterator[Path]:
-    """An empty runtime cache that shares the converted models (and a built organism) with the
-    repository's: activations and answers are computed afresh, models are not reconverted."""
+def temporary_cache(share_models: bool = False) -> Iterator[Path]:
+    """An empty runtime cache (``REFUSAL_CACHE_DIR``) for the block, as on a fresh clone.
+    ``share_models``: its ``models`` folder is the repository's, so converted models and a built
+    organism are not made again (the batch); otherwise nothing is shared (an organism build:
+    load its base model before entering)."""
     old = os.environ.get("REFUSAL_CACHE_DIR")
-    models = REPO / "cache" / "models"
-    models.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "models").symlink_to(models.resolve())
+        if share_models:
+            models = REPO / "cache" / "models"
+            models.mkdir(parents=True, exist_ok=True)
+            (Path(tmp) / "models").symlink_to(models.resolve())
         os.environ["REFUSAL_CACHE_DIR"] = tmp
         try:
             yield Path(tmp)
@@ -178,7 +181,7 @@ def floor_batch(gflops: float, config_path: str = "experiments/config.yaml") -> 
 
     batch.run_model, analysis.Stopwatch.stage = counted_run_model, counted_stage
     try:
-        with _fresh_cache() as tmp, count:
+        with temporary_cache(share_models=True) as tmp, count:
             t = time.perf_counter()
             results = batch.run(config, out_dir=tmp / "out", stream=sys.stderr)
             wall = time.perf_counter() - t
@@ -209,7 +212,7 @@ def floor_organism(gflops: float) -> dict:
     for name, fn in originals.items():
         setattr(build, name, counted(name, fn))
     try:
-        with _fresh_cache() as tmp, count:
+        with temporary_cache() as tmp, count:
             card = build.build_organism(base, DEFAULT_RECIPE, tmp / "organism")
     finally:
         for name, fn in originals.items():

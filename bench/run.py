@@ -449,17 +449,11 @@ def bench_organism() -> dict:
     from core.models import load_model
     from core.organism import DEFAULT_RECIPE, build_organism
 
+    from bench.floors import temporary_cache
+
     base = load_model("embedded", dtype="float32", device="cpu")
-    old = os.environ.get("REFUSAL_CACHE_DIR")
-    with tempfile.TemporaryDirectory() as tmp:
-        os.environ["REFUSAL_CACHE_DIR"] = tmp
-        try:
-            card = build_organism(base, DEFAULT_RECIPE, Path(tmp) / "organism")
-        finally:
-            if old is None:
-                os.environ.pop("REFUSAL_CACHE_DIR", None)
-            else:
-                os.environ["REFUSAL_CACHE_DIR"] = old
+    with temporary_cache() as tmp:
+        card = build_organism(base, DEFAULT_RECIPE, tmp / "organism")
     ev = card.evaluation
     return {
         "timings": card.timings,
